@@ -1,0 +1,3 @@
+"""UrbanCross: cross-domain satellite image-text retrieval on Ray."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,417 @@
+"""Typed run configuration: dataclasses loaded from YAML and validated once, here.
+
+Every default lives in exactly one place: the field defaults below. A YAML file only
+overrides what it names; an unknown key, a wrong type or a bad value raises
+`ConfigError` naming the file and the dotted path of the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or invalid."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class SynthConfig:
+    """The embedded benchmark (procedural satellite-like tiles with captions)."""
+
+    domains: list[str] = field(default_factory=lambda: ["Finland", "Germany", "Spain"])
+    images_per_domain: int = 120
+    image_size: int = 64
+    captions_per_image: int = 5
+    test_fraction: float = 0.25
+    val_fraction: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where the manifest is and which part of it a stage uses."""
+
+    manifest: str = ""  # Parquet dataset folder or URI; empty = the demo's synthesized one
+    root: str = ""  # base for relative image paths; empty = the manifest's parent folder
+    source_domain: str = "Finland"
+    target_domain: str = "Spain"
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    image_size: int = 64
+    num_segments: int = 10
+    use_refined_captions: bool = True
+    augment: bool = True
+
+
+@dataclass
+class SamConfig:
+    """SAM segmentation stage (Ray Data actor pool)."""
+
+    model_type: Literal["vit_b", "vit_l", "vit_h", "tiny"] = "tiny"
+    checkpoint: str = ""  # local .pth; empty with `tiny` = build a random tiny SAM under out_dir
+    points_per_side: int = 8
+    pred_iou_thresh: float = 0.5
+    stability_score_thresh: float = 0.6
+    min_mask_region_area: int = 0
+    keep_largest: int = 50  # masks sorted by area, this many kept before CLIP scoring
+    num_segments: int = 10
+    style: Literal["white", "crop"] = "white"
+    segment_size: int = 64
+    num_gpus: float = 0.0
+    num_cpus: float = 0.5
+    concurrency: int = 1
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        require(self.num_segments >= 1, f"num_segments must be >= 1, got {self.num_segments}")
+        require(self.keep_largest >= self.num_segments, "keep_largest must be >= num_segments")
+        require(self.concurrency >= 1 and self.batch_size >= 1, "concurrency and batch_size must be >= 1")
+
+
+@dataclass
+class RefineConfig:
+    """LMM caption refinement stage; `passthrough` keeps the captions as they are."""
+
+    kind: Literal["passthrough", "lmm"] = "passthrough"
+    model_dir: str = ""  # transformers from_pretrained(local_dir)
+    prompt: str = (
+        "Write a comprehensive and detailed description of the satellite image and its "
+        "geographical tags: {geo_tags}. Caption: {caption}"
+    )
+    max_new_tokens: int = 48
+    min_chars: int = 8
+    max_chars: int = 600
+    max_repeat_fraction: float = 0.5
+    num_gpus: float = 0.0
+    num_cpus: float = 0.5
+    concurrency: int = 1
+    batch_size: int = 4
+
+
+@dataclass
+class PreprocessConfig:
+    """Ray Data preprocessing: manifest in -> SAM segments + refined captions -> manifest out."""
+
+    input: str = ""  # empty = data.manifest
+    output: str = ""  # empty = <out_dir>/preprocessed
+    sam: SamConfig = field(default_factory=SamConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+
+
+@dataclass
+class ModelConfig:
+    """Two-tower CLIP (open_clip) with segment fusion; CMPAGL's global-local block as an option."""
+
+    preset: str = "tiny"  # tiny | ViT-B-32 | ViT-B-32-quickgelu | ViT-L-14 | ...
+    pretrained: str = ""  # local checkpoint file; never a download tag
+    use_segments: bool = True
+    fusion_heads: int = 4
+    global_local: bool = False  # CMPAGL global-local visual block
+    window_sizes: list[int] = field(default_factory=lambda: [2, 4])
+    pre_align: bool = False  # CMPAGL pre-alignment loss on unimodal features
+
+
+@dataclass
+class LossConfig:
+    """Retrieval losses; the total is a weighted sum (weights here)."""
+
+    kind: Literal["infonce", "vse", "triplet"] = "infonce"
+    margin: float = 0.2
+    image_text_weight: float = 1.0
+    segment_text_weight: float = 0.5
+    image_segment_weight: float = 0.25
+    intra_class_weight: float = 0.1
+    pre_align_weight: float = 0.1
+
+
+@dataclass
+class SMRConfig:
+    """Similarity-matrix re-weighting (re-ranking) at retrieval time."""
+
+    enabled: bool = True
+    k: int = 10
+
+
+@dataclass
+class CurriculumConfig:
+    """Adaptive curriculum sampling: difficulty score + pacing (easy -> hard)."""
+
+    enabled: bool = True
+    difficulty: Literal["similarity_margin", "caption_complexity"] = "similarity_margin"
+    pacing: Literal["linear", "root", "geometric"] = "root"
+    start_fraction: float = 0.3
+    length: float = 0.6  # share of the epochs after which all data is used
+    rescore_every: int = 1  # epochs between difficulty re-scoring
+
+    def validate(self) -> None:
+        require(0.0 < self.start_fraction <= 1.0, f"start_fraction must be in (0, 1], got {self.start_fraction}")
+        require(0.0 < self.length <= 1.0, f"length must be in (0, 1], got {self.length}")
+
+
+@dataclass
+class TrainConfig:
+    """Ray Train + DeepSpeed training (stage 1)."""
+
+    epochs: int = 6
+    batch_size: int = 32  # per worker micro-batch
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    zero_stage: int = 0
+    num_workers: int = 2  # 0 = run the loop in the driver process
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5
+    max_failures: int = 1
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+
+    def validate(self) -> None:
+        require(self.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0-3, got {self.zero_stage}")
+        require(self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1")
+
+
+@dataclass
+class AdaptConfig:
+    """Weighted adversarial fine-tuning from a trained checkpoint (stage 2)."""
+
+    checkpoint: str = ""  # stage-1 checkpoint dir; empty = the demo's source model
+    epochs: int = 4
+    lr: float = 1e-4
+    select_fraction: float = 0.5
+    disc_hidden: int = 0  # 0 = the embedding dimension
+    disc_depth: int = 2
+    disc_lr: float = 1e-3
+    mode: Literal["grl", "alternating"] = "grl"
+    schedule: Literal["constant", "linear", "dann"] = "dann"
+    gamma: float = 10.0
+    max_weight: float = 0.1
+    use_target_captions: bool = False
+
+
+@dataclass
+class EvaluateConfig:
+    """Retrieval evaluation: which splits/domains, and SMR re-ranking."""
+
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    batch_size: int = 64
+    smr: SMRConfig = field(default_factory=SMRConfig)
+
+
+@dataclass
+class MLflowConfig:
+    """Tracking store. Empty URI = `sqlite:///<out_dir>/mlflow.db` (the registry needs a DB store)."""
+
+    tracking_uri: str = ""
+    experiment: str = "urbancross"
+    registered_model: str = "urbancross"
+
+
+@dataclass
+class Config:
+    """A whole run: one file configures every stage of the pipeline."""
+
+    seed: int = 0
+    out_dir: str = "runs/default"
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view, e.g. for MLflow params."""
+        return flatten(self.to_dict())
+
+    def tracking_uri(self) -> str:
+        if self.mlflow.tracking_uri:
+            return self.mlflow.tracking_uri
+        return "sqlite:///" + str((Path(self.out_dir) / "mlflow.db").resolve())
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load `path` (YAML) over the defaults, then apply `key.sub=value` overrides."""
+    raw: dict[str, Any] = {}
+    where = "<defaults>"
+    if path is not None:
+        where = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot read config: {e.strerror}") from e
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{where}: top level must be a mapping, got {type(loaded).__name__}")
+        raw = loaded
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
+        key, value = item.split("=", 1)
+        set_dotted(raw, key.strip(), yaml.safe_load(value))
+    return from_dict(Config, raw, where=where)
+
+
+def config_from_dict(raw: dict[str, Any], where: str = "<dict>") -> Config:
+    return from_dict(Config, raw, where=where)
+
+
+def set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        nxt = d.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+        d = nxt
+    d[parts[-1]] = value
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write `cfg` as YAML atomically; `load_config` reads it back unchanged."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def from_dict(cls: type, raw: Any, where: str = "<dict>", prefix: str = ""):
+    """Build dataclass `cls` from a mapping, checking keys, types and `validate()` hooks."""
+    label = prefix.rstrip(".") or "config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: {label} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {prefix}{unknown[0]!s}; {label} accepts: {', '.join(sorted(fields))}"
+        )
+    kwargs = {name: _convert(hints[name], raw[name], where, f"{prefix}{name}") for name in raw}
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        try:
+            check()
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {label}: {e}") from None
+    return obj
+
+
+def _convert(tp: Any, value: Any, where: str, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{where}: {path}: expected {expected}, got {value!r}")
+
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, bool) and "enabled" in {f.name for f in dataclasses.fields(tp)}:
+            value = {"enabled": value}  # `curriculum: off` is shorthand for `enabled: false`
+        return from_dict(tp, value, where, path + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        errors = []
+        for a in rest:
+            try:
+                return _convert(a, value, where, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise errors[0] if len(errors) == 1 else bad(" or ".join(map(_name, rest)))
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {path}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list")
+        item = args[0] if args else Any
+        items = [_convert(item, v, where, f"{path}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _convert(vt, v, where, f"{path}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    raise ConfigError(f"{where}: {path}: unsupported field type {tp!r}")
+
+
+def _name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def require(cond: bool, message: str) -> None:
+    """For `validate()` hooks: raise ConfigError(message) unless `cond`."""
+    if not cond:
+        raise ConfigError(message)
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "MLflowConfig",
+    "SynthConfig",
+    "config_from_dict",
+    "flatten",
+    "from_dict",
+    "load_config",
+    "require",
+    "save_config",
+]

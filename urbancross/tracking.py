@@ -1,0 +1,70 @@
+"""Thin MLflow glue: one place that knows the tracking URI, experiment and what a run logs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from urbancross.config import Config, save_config
+
+MAX_PARAM_LEN = 500  # MLflow rejects longer param values
+
+
+def configure(cfg: Config) -> str:
+    """Point MLflow at the run's store; a local SQLite file gets its folder created."""
+    import mlflow
+
+    uri = cfg.tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def params_of(cfg: Config) -> dict[str, str]:
+    """The flattened config as MLflow params (values stringified and clipped)."""
+    return {k: str(v)[:MAX_PARAM_LEN] for k, v in cfg.flat().items()}
+
+
+@contextlib.contextmanager
+def mlflow_run(
+    cfg: Config,
+    run_name: str,
+    *,
+    nested: bool = False,
+    run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[Any]:
+    """Start (or, with `run_id`, resume) a run that logs the config as params and artifact."""
+    import mlflow
+
+    configure(cfg)
+    mlflow.set_experiment(cfg.mlflow.experiment)
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested, tags=dict(tags or {})) as run:
+        if run_id is None:
+            mlflow.log_params(params_of(cfg))
+            with tempfile.TemporaryDirectory() as tmp:
+                save_config(cfg, os.path.join(tmp, "config.yaml"))
+                mlflow.log_artifact(os.path.join(tmp, "config.yaml"))
+        yield run
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_json_artifact(obj: Any, name: str, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, name)
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        mlflow.log_artifact(path, artifact_path)
