@@ -63,10 +63,14 @@ def test_missing_file_is_clear(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-def test_flat_and_tracking_uri(tmp_path):
+def test_flat_and_tracking_uri(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = load_config(None, [f"out_dir={tmp_path}"])
     flat = cfg.flat()
     assert flat["train.curriculum.pacing"] == cfg.train.curriculum.pacing
     assert cfg.tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
     cfg.mlflow.tracking_uri = "http://127.0.0.1:5000"
     assert cfg.tracking_uri() == "http://127.0.0.1:5000"
+    cfg.mlflow.tracking_uri = ""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert cfg.tracking_uri() == "http://mlflow:5000"

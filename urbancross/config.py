@@ -35,7 +35,22 @@ class SynthConfig:
     captions_per_image: int = 5
     test_fraction: float = 0.25
     val_fraction: float = 0.0
+    near_duplicate_fraction: float = 0.5  # chance an image is a one-element variant of the previous one
     seed: int = 0
+
+    def validate(self) -> None:
+        require(len(self.domains) >= 1, "domains must name at least one domain")
+        require(self.images_per_domain >= 2, f"images_per_domain must be >= 2, got {self.images_per_domain}")
+        require(self.image_size >= 32, f"image_size must be >= 32 pixels, got {self.image_size}")
+        require(1 <= self.captions_per_image <= 10, f"captions_per_image must be 1-10, got {self.captions_per_image}")
+        require(
+            0 <= self.test_fraction < 1 and 0 <= self.val_fraction < 1 and self.test_fraction + self.val_fraction < 1,
+            f"test_fraction + val_fraction must be in [0, 1), got {self.test_fraction} + {self.val_fraction}",
+        )
+        require(
+            0 <= self.near_duplicate_fraction <= 1,
+            f"near_duplicate_fraction must be in [0, 1], got {self.near_duplicate_fraction}",
+        )
 
 
 @dataclass
@@ -105,9 +120,16 @@ class PreprocessConfig:
     """Ray Data preprocessing: manifest in -> SAM segments + refined captions -> manifest out."""
 
     input: str = ""  # empty = data.manifest
-    output: str = ""  # empty = <out_dir>/preprocessed
+    output: str = ""  # empty = <out_dir>/preprocessed; rejected rows go to <output>_rejects.parquet
+    image_modes: list[str] = field(default_factory=lambda: ["RGB", "RGBA", "L", "P"])  # PIL modes accepted
+    min_image_side: int = 16  # pixels; smaller images are rejected
+    max_image_side: int = 8192  # pixels; larger images are rejected
     sam: SamConfig = field(default_factory=SamConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
+
+    def validate(self) -> None:
+        require(len(self.image_modes) >= 1, "image_modes must name at least one PIL mode")
+        require(1 <= self.min_image_side <= self.max_image_side, "need 1 <= min_image_side <= max_image_side")
 
 
 @dataclass
@@ -120,7 +142,16 @@ class ModelConfig:
     fusion_heads: int = 4
     global_local: bool = False  # CMPAGL global-local visual block
     window_sizes: list[int] = field(default_factory=lambda: [2, 4])
+    global_local_heads: int = 4
     pre_align: bool = False  # CMPAGL pre-alignment loss on unimodal features
+    aug_crop_scale: float = 0.8  # train crops keep at least this share of the tile's area
+    aug_color_jitter: float = 0.2  # brightness/contrast/saturation jitter strength (0 = off)
+
+    def validate(self) -> None:
+        require(self.fusion_heads >= 1 and self.global_local_heads >= 1, "fusion_heads and global_local_heads must be >= 1")
+        require(bool(self.window_sizes) and all(w >= 1 for w in self.window_sizes), "window_sizes must be positive")
+        require(0.0 < self.aug_crop_scale <= 1.0, f"aug_crop_scale must be in (0, 1], got {self.aug_crop_scale}")
+        require(0.0 <= self.aug_color_jitter < 1.0, f"aug_color_jitter must be in [0, 1), got {self.aug_color_jitter}")
 
 
 @dataclass
@@ -132,8 +163,14 @@ class LossConfig:
     image_text_weight: float = 1.0
     segment_text_weight: float = 0.5
     image_segment_weight: float = 0.25
-    intra_class_weight: float = 0.1
-    pre_align_weight: float = 0.1
+    intra_class_weight: float = 0.1  # used by kind=triplet (CMPAGL)
+    pre_align_weight: float = 0.1  # used when model.pre_align is on
+
+    def validate(self) -> None:
+        require(self.margin >= 0.0, f"margin must be >= 0, got {self.margin}")
+        weights = (self.image_text_weight, self.segment_text_weight, self.image_segment_weight,
+                   self.intra_class_weight, self.pre_align_weight)
+        require(all(w >= 0.0 for w in weights), "loss weights must be >= 0")
 
 
 @dataclass
@@ -141,7 +178,15 @@ class SMRConfig:
     """Similarity-matrix re-weighting (re-ranking) at retrieval time."""
 
     enabled: bool = True
-    k: int = 10
+    k: int = 10  # each query's top-k candidates are re-weighted; the rest keep their similarity
+    score_weight: float = 1.0  # column-normalised score term (GaLR's Wp1)
+    rank_weight: float = 1.0  # exp(-decay * rank) term, forward and reverse direction
+    decay: float = 0.05
+
+    def validate(self) -> None:
+        require(self.k >= 1, f"k must be >= 1, got {self.k}")
+        require(self.score_weight >= 0.0 and self.rank_weight >= 0.0 and self.decay >= 0.0,
+                "score_weight, rank_weight and decay must be >= 0")
 
 
 @dataclass
@@ -158,6 +203,7 @@ class CurriculumConfig:
     def validate(self) -> None:
         require(0.0 < self.start_fraction <= 1.0, f"start_fraction must be in (0, 1], got {self.start_fraction}")
         require(0.0 < self.length <= 1.0, f"length must be in (0, 1], got {self.length}")
+        require(self.rescore_every >= 1, f"rescore_every must be >= 1, got {self.rescore_every}")
 
 
 @dataclass
@@ -175,21 +221,32 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5
     max_failures: int = 1
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    domain: str = ""  # training domain; empty = data.source_domain, "all" = every domain
+    val_images: int = 64  # validation slice (val split, else held out of the train split)
+    ingest_actors: int = 1  # Ray Data decoding/augmentation actors
+    ingest_cpus: float = 0.5  # CPUs per decoding actor
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
     def validate(self) -> None:
         require(self.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0-3, got {self.zero_stage}")
         require(self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1")
+        require(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        require(self.num_workers >= 0 and self.max_failures >= 0, "num_workers and max_failures must be >= 0")
+        require(self.val_images >= 0 and self.ingest_actors >= 1, "val_images >= 0 and ingest_actors >= 1")
 
 
 @dataclass
 class AdaptConfig:
     """Weighted adversarial fine-tuning from a trained checkpoint (stage 2)."""
 
-    checkpoint: str = ""  # stage-1 checkpoint dir; empty = the demo's source model
+    checkpoint: str = ""  # stage-1 model: a model.pt or a folder holding one; empty = <out_dir>/train
     epochs: int = 4
     lr: float = 1e-4
-    select_fraction: float = 0.5
+    select_fraction: float = 0.5  # share of each source batch selected (most target-like first)
+    curriculum: bool = True  # move the selection window from easiest to harder slices over the passes
+    slices: int = 5  # positions of the window (5 = quintiles when select_fraction = 0.2)
+    curriculum_length: float = 1.0  # share of the passes after which the hardest slice is reached
     disc_hidden: int = 0  # 0 = the embedding dimension
     disc_depth: int = 2
     disc_lr: float = 1e-3
@@ -197,7 +254,14 @@ class AdaptConfig:
     schedule: Literal["constant", "linear", "dann"] = "dann"
     gamma: float = 10.0
     max_weight: float = 0.1
-    use_target_captions: bool = False
+    use_target_captions: bool = False  # also train retrieval on target pairs (off: captions only weight)
+
+    def validate(self) -> None:
+        require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        require(0.0 < self.select_fraction <= 1.0, f"select_fraction must be in (0, 1], got {self.select_fraction}")
+        require(self.slices >= 1 and self.disc_depth >= 1, "slices and disc_depth must be >= 1")
+        require(0.0 < self.curriculum_length <= 1.0, f"curriculum_length must be in (0, 1], got {self.curriculum_length}")
+        require(self.gamma > 0 and self.max_weight >= 0, "gamma must be > 0 and max_weight >= 0")
 
 
 @dataclass
@@ -207,15 +271,63 @@ class EvaluateConfig:
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     batch_size: int = 64
     smr: SMRConfig = field(default_factory=SMRConfig)
+    num_cpus: float = 0.5  # per embedding actor (Ray Data actor pool)
+    num_gpus: float = 0.0
+    concurrency: int = 1  # embedding actors
+    output: str = ""  # report folder; empty = <out_dir>/evaluate
+
+    def validate(self) -> None:
+        require(len(self.ks) >= 1 and all(k >= 1 for k in self.ks), f"ks must be positive integers, got {self.ks}")
+        require(self.batch_size >= 1 and self.concurrency >= 1, "batch_size and concurrency must be >= 1")
 
 
 @dataclass
 class MLflowConfig:
-    """Tracking store. Empty URI = `sqlite:///<out_dir>/mlflow.db` (the registry needs a DB store)."""
+    """Tracking store. Empty URI = $MLFLOW_TRACKING_URI or `sqlite:///<out_dir>/mlflow.db` (the registry needs a DB store)."""
 
     tracking_uri: str = ""
     experiment: str = "urbancross"
     registered_model: str = "urbancross"
+
+
+@dataclass
+class PromoteConfig:
+    """Registry gate: a candidate becomes `champion` only if clearly better on the same split."""
+
+    margin: float = 0.5  # mean mR (over domains) must beat the champion's by at least this
+    max_domain_drop: float = 2.0  # and no domain's mR may fall by more than this
+    manifest: str = ""  # evaluation manifest; empty = data.manifest
+    split: str = "test"
+
+    def validate(self) -> None:
+        require(self.margin >= 0 and self.max_domain_drop >= 0, "margin and max_domain_drop must be >= 0")
+
+
+@dataclass
+class TuneConfig:
+    """Ray Tune sweep over a space file (tune_spaces/*.yaml); each trial is a whole Train run."""
+
+    scheduler: Literal["asha", "pbt"] = "asha"
+    num_samples: int = 4  # trials (times the grid size when the space has `grid` params)
+    metric: str = "val_mR"
+    mode: Literal["max", "min"] = "max"
+    max_concurrent_trials: int = 1
+    grace_period: int = 1  # ASHA: epochs a trial always runs before it may be stopped
+    reduction_factor: float = 2.0  # ASHA: keep the best 1/reduction_factor at each rung
+    perturbation_interval: int = 1  # PBT: epochs per segment between exploit/explore steps
+    cpus_per_trial: float = 0.5  # the trial driver; training runs there when train.num_workers == 0
+    gpus_per_trial: float = 0.0
+    max_failures: int = 0  # retries of a failed trial (from its last checkpoint)
+    storage_path: str = ""  # empty = <out_dir>/tune
+    name: str = "sweep"
+
+    def validate(self) -> None:
+        require(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
+        require(self.max_concurrent_trials >= 1, "max_concurrent_trials must be >= 1")
+        require(self.grace_period >= 1 and self.perturbation_interval >= 1, "grace_period and perturbation_interval must be >= 1")
+        require(self.reduction_factor > 1, f"reduction_factor must be > 1, got {self.reduction_factor}")
+        require(self.cpus_per_trial >= 0 and self.gpus_per_trial >= 0, "cpus_per_trial and gpus_per_trial must be >= 0")
+        require(bool(self.name) and "/" not in self.name, f"name must be a non-empty folder name, got {self.name!r}")
 
 
 @dataclass
@@ -233,6 +345,8 @@ class Config:
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+    promote: PromoteConfig = field(default_factory=PromoteConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -242,8 +356,11 @@ class Config:
         return flatten(self.to_dict())
 
     def tracking_uri(self) -> str:
+        """Config value, else $MLFLOW_TRACKING_URI (set by cluster runtime envs), else local SQLite."""
         if self.mlflow.tracking_uri:
             return self.mlflow.tracking_uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
         return "sqlite:///" + str((Path(self.out_dir) / "mlflow.db").resolve())
 
 
