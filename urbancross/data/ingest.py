@@ -51,7 +51,7 @@ class ModelInputs:
         self.cfg = cfg
         self.keep_ids = keep_ids
         self.root = root or cfg.data.root or os.path.dirname(os.path.abspath(cfg.data.manifest or "."))
-        self.transform = image_transform(cfg.model, train=train)
+        self.transform = image_transform(cfg.model, train=train and cfg.data.augment)
         self.segment_transform = image_transform(cfg.model, train=False)
         self.tokenize = get_tokenizer(cfg.model)
 

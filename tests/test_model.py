@@ -1,0 +1,128 @@
+"""UrbanCross model on the `tiny` preset: forward/backward on CPU, gradients, save/load, errors."""
+
+import dataclasses
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from urbancross.config import LossConfig, ModelConfig
+from urbancross.loss import retrieval_loss
+from urbancross.model import CheckpointError, create_model, get_tokenizer, image_size, image_transform, save_model
+from urbancross.model.factory import TINY_NAME, open_clip_name
+from urbancross.model.global_local import GlobalLocalBlock, _partition, _unpartition
+
+CAPTIONS = ["a red roof north of a park", "two roads cross near a river", "a field left of a forest"]
+
+
+def batch(cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = image_size(cfg)
+    images = torch.randn(3, 3, n, n, generator=g)
+    segments = torch.randn(3, 2, 3, n, n, generator=g)
+    mask = torch.tensor([[True, True], [True, False], [False, False]])
+    return images, get_tokenizer(cfg)(CAPTIONS), segments, mask
+
+
+def test_tiny_preset_shapes_tokenizer_and_transforms():
+    cfg = ModelConfig()
+    model = create_model(cfg)
+    assert image_size(cfg) == 64 and model.embed_dim == 128
+    tokens = get_tokenizer(cfg)(CAPTIONS)
+    assert tokens.shape == (3, model.clip.context_length) == (3, 32)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8))
+    assert image_transform(cfg, train=False)(img).shape == (3, 64, 64)
+    train = image_transform(cfg, train=True)
+    assert train(img).shape == (3, 64, 64)
+    names = {type(t).__name__ for t in train.transforms}
+    assert not names & {"RandomHorizontalFlip", "RandomVerticalFlip", "RandomRotation"}
+
+
+@pytest.mark.parametrize("options", [{}, {"global_local": True, "pre_align": True}])
+def test_forward_backward_reaches_every_parameter(options):
+    cfg = ModelConfig(**options)
+    torch.manual_seed(0)
+    model = create_model(cfg)
+    images, tokens, segments, mask = batch(cfg)
+    out = model(images, tokens, segments, mask)
+    for key in ("image", "text", "fused"):
+        torch.testing.assert_close(out[key].norm(dim=-1), torch.ones(3))
+    assert out["segments"][2].abs().sum() == 0  # missing segments stay zero
+    assert ("pre_image" in out) == bool(options)
+    total, parts = retrieval_loss(out, LossConfig())
+    total.backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
+            or p.grad.abs().sum() == 0]
+    assert dead == []
+
+
+def test_fusion_ignores_masked_segments_and_is_identity_without_segments():
+    cfg = ModelConfig()
+    model = create_model(cfg).eval()
+    images, tokens, segments, mask = batch(cfg)
+    with torch.no_grad():
+        a = model(images, tokens, segments, mask)["fused"]
+        changed = segments.clone()
+        changed[1, 1] = 5.0  # masked out
+        b = model(images, tokens, changed, mask)["fused"]
+        plain = model(images, tokens)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(plain["fused"], plain["image"])
+    off = create_model(dataclasses.replace(cfg, use_segments=False))
+    assert off(images, tokens, segments, mask)["segments"] is None
+
+
+def test_global_local_block_pads_uneven_grids():
+    x = torch.randn(2, 16, 7, 5)
+    assert GlobalLocalBlock(16, 4, window=4)(x).shape == x.shape
+    y = torch.randn(2, 16, 8, 8)
+    torch.testing.assert_close(_unpartition(_partition(y, 4), 2, 8, 8, 4), y)
+
+
+def test_save_load_roundtrip(tmp_path):
+    cfg = ModelConfig(global_local=True)
+    model = create_model(cfg).eval()
+    path = tmp_path / "model.pt"
+    save_model(model, path)
+    loaded = create_model(cfg, pretrained=str(path)).eval()
+    images, tokens, segments, mask = batch(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images, tokens, segments, mask)["fused"],
+                                   loaded(images, tokens, segments, mask)["fused"])
+
+
+def test_plain_open_clip_checkpoint_loads_through_open_clip(tmp_path):
+    cfg = ModelConfig()
+    clip = open_clip.create_model(open_clip_name(cfg))
+    path = tmp_path / "clip.pt"
+    torch.save(clip.state_dict(), path)
+    # the registered tiny config is a real open_clip config: its own local-file loader takes it
+    oc, _, _ = open_clip.create_model_and_transforms(TINY_NAME, pretrained=str(path))
+    model = create_model(cfg, pretrained=str(path))
+    for name in ("visual.conv1.weight", "token_embedding.weight", "text_projection"):
+        torch.testing.assert_close(model.clip.state_dict()[name], clip.state_dict()[name])
+        torch.testing.assert_close(oc.state_dict()[name], clip.state_dict()[name])
+
+
+def test_mismatched_checkpoints_fail_clearly(tmp_path):
+    cfg = ModelConfig()
+    path = tmp_path / "model.pt"
+    save_model(create_model(cfg), path)
+    with pytest.raises(CheckpointError, match=r"missing keys \(e\.g\. global_local"):
+        create_model(dataclasses.replace(cfg, global_local=True), pretrained=str(path))
+
+    other = open_clip.CLIP(embed_dim=64, vision_cfg={"image_size": 64, "patch_size": 8, "width": 64, "layers": 2},
+                           text_cfg={"context_length": 32, "width": 64, "heads": 2, "layers": 2})
+    bad = tmp_path / "other_clip.pt"
+    torch.save(other.state_dict(), bad)
+    with pytest.raises(CheckpointError, match="does not fit model preset 'tiny'.*shape mismatches"):
+        create_model(cfg, pretrained=str(bad))
+
+
+def test_no_download_path():
+    with pytest.raises(CheckpointError, match="not a local checkpoint file"):
+        create_model(ModelConfig(), pretrained="openai")
+    with pytest.raises(ValueError, match="model.preset"):
+        open_clip_name(ModelConfig(preset="hf-hub:someone/model"))

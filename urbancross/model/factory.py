@@ -1,0 +1,170 @@
+"""Build, load and save UrbanCross models, plus their tokenizer and image transforms.
+
+Weights only ever come from a local file: `pretrained` must be a path, and open_clip is never
+given a pretrained *tag*, so no code path here can start a download.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from copy import deepcopy
+from pathlib import Path
+from typing import Callable
+
+import open_clip
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.factory import _MODEL_CONFIGS, get_model_config, load_state_dict
+from torchvision import transforms as T
+
+from urbancross.config import ModelConfig
+from urbancross.model.model import UrbanCrossModel
+
+log = logging.getLogger(__name__)
+
+TINY_NAME = "urbancross-tiny"
+TINY_CONFIG = {  # the embedded benchmark is 64 px RGB with short captions
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "head_width": 32, "layers": 3},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
+}
+
+# preset -> what it is for. Checkpoints fine-tuned from OpenAI CLIP weights (RemoteCLIP, GeoRSCLIP
+# ViT-B-32) were trained with QuickGELU: they load into the plain presets without a key error but
+# compute different features, so they need the `-quickgelu` preset.
+PRESETS = {
+    "tiny": f"small random-init open_clip config ({TINY_NAME}), 64 px, trains on CPU in minutes",
+    "ViT-B-32": "ViT-B/32 checkpoints trained with GELU (OpenCLIP LAION/DataComp-initialised)",
+    "ViT-B-32-quickgelu": "ViT-B/32 initialised from OpenAI weights: RemoteCLIP-ViT-B-32, GeoRSCLIP ViT-B-32",
+    "ViT-L-14": "ViT-L/14 checkpoints trained with GELU (OpenCLIP-initialised)",
+    "ViT-L-14-quickgelu": "ViT-L/14 initialised from OpenAI weights: RemoteCLIP-ViT-L-14",
+}
+OPENAI_INIT_HINTS = ("remoteclip", "georsclip", "openai")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, not a local file, or does not fit the configured model."""
+
+
+def open_clip_name(cfg: ModelConfig) -> str:
+    """The open_clip model name of `cfg.preset` (registering the tiny config on first use)."""
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"model.preset: unknown preset {cfg.preset!r}; choose one of: {', '.join(PRESETS)}")
+    if cfg.preset != "tiny":
+        return cfg.preset
+    # open_clip's public `add_model_config` only reads JSON files; the registry is this dict.
+    _MODEL_CONFIGS.setdefault(TINY_NAME, deepcopy(TINY_CONFIG))
+    return TINY_NAME
+
+
+def _open_clip_config(cfg: ModelConfig) -> dict:
+    return get_model_config(open_clip_name(cfg))
+
+
+def image_size(cfg: ModelConfig) -> int:
+    """Input side length in pixels (images and segment crops alike)."""
+    size = _open_clip_config(cfg)["vision_cfg"]["image_size"]
+    return int(size if isinstance(size, int) else size[0])
+
+
+def get_tokenizer(cfg: ModelConfig) -> Callable[[list[str]], torch.LongTensor]:
+    """open_clip's tokenizer for the preset, padded/truncated to the text tower's context length."""
+    return open_clip.get_tokenizer(open_clip_name(cfg))
+
+
+def _to_rgb(img):
+    return img.convert("RGB")
+
+
+def image_transform(cfg: ModelConfig, train: bool) -> Callable:
+    """PIL image -> normalised float tensor [3,H,W] at `image_size(cfg)`.
+
+    Training adds only a mild random crop (area >= `aug_crop_scale`, near-square) and colour
+    jitter. No flips or rotations: captions state directions and layouts ("north of", "on the
+    left"), which a flip or rot90 would silently make false.
+    """
+    size = image_size(cfg)
+    if not train:
+        return open_clip.image_transform(size, is_train=False)
+    steps = [_to_rgb, T.RandomResizedCrop(size, scale=(cfg.aug_crop_scale, 1.0), ratio=(0.9, 1.1),
+                                          interpolation=T.InterpolationMode.BICUBIC)]
+    if cfg.aug_color_jitter > 0:
+        j = cfg.aug_color_jitter
+        steps.append(T.ColorJitter(brightness=j, contrast=j, saturation=j, hue=j / 10))
+    steps += [T.ToTensor(), T.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)]
+    return T.Compose(steps)
+
+
+def create_model(cfg: ModelConfig, *, pretrained: str | None = None) -> UrbanCrossModel:
+    """Build the model for `cfg` and load `pretrained` (or `cfg.pretrained`) when set.
+
+    The checkpoint may be a plain open_clip/OpenAI-format CLIP state dict (only the two towers
+    are loaded, via open_clip's `load_checkpoint`) or a full UrbanCross file from `save_model`.
+    """
+    path = cfg.pretrained if pretrained is None else pretrained
+    cfg_text = _open_clip_config(cfg)["text_cfg"]
+    if "hf_model_name" in cfg_text or "hf_tokenizer_name" in cfg_text:
+        raise ValueError(f"model.preset: {cfg.preset!r} needs Hugging Face downloads, which are not allowed")
+    clip = open_clip.create_model(open_clip_name(cfg), pretrained=None, device="cpu")
+    model = UrbanCrossModel(clip, cfg)
+    if path:
+        load_weights(model, path, preset=cfg.preset)
+    return model
+
+
+def load_weights(model: UrbanCrossModel, path: str, preset: str = "?") -> None:
+    """Load a local checkpoint into `model`; a checkpoint that does not fit raises `CheckpointError`."""
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"model.pretrained: {path!r} is not a local checkpoint file (weights are never downloaded; "
+            "tags such as 'openai' or 'laion2b_s34b_b79k' are not accepted)"
+        )
+    if not preset.endswith("quickgelu") and preset != "tiny" and any(h in Path(path).name.lower() for h in OPENAI_INIT_HINTS):
+        log.warning("%s looks OpenAI-initialised; such checkpoints need the '%s-quickgelu' preset", path, preset)
+    try:
+        state = load_state_dict(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise CheckpointError(f"{path}: not a readable checkpoint: {e}") from e
+    if any(k.startswith("clip.") for k in state):
+        _check_fit(model, state, path, preset)
+        model.load_state_dict(state)
+        return
+    try:  # open_clip's loader: converts OpenAI/third-party formats and resizes position embeddings
+        open_clip.load_checkpoint(model.clip, path, strict=True)
+    except Exception as e:  # noqa: BLE001 - open_clip signals misfits with Runtime/Key/AssertionError
+        _check_fit(model.clip, state, path, preset)
+        raise CheckpointError(f"{path}: does not fit model preset {preset!r}: {e}") from e
+
+
+def _check_fit(module: torch.nn.Module, state: dict, path: str, preset: str) -> None:
+    """Raise a readable `CheckpointError` listing missing/unexpected/mis-shaped keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+        if items:
+            problems.append(f"{len(items)} {label} (e.g. {', '.join(items[:3])})")
+    raise CheckpointError(
+        f"{path}: checkpoint does not fit model preset {preset!r}: {'; '.join(problems)}. "
+        "Check model.preset and the model options (use_segments, global_local, window_sizes, pre_align) "
+        "against the run that saved it."
+    )
+
+
+def save_model(model: UrbanCrossModel, path: str | os.PathLike) -> None:
+    """Write the full state dict atomically; `create_model(cfg, pretrained=path)` loads it back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state}, tmp)
+    os.replace(tmp, path)
