@@ -76,7 +76,7 @@ class SamConfig:
 
     model_type: Literal["vit_b", "vit_l", "vit_h", "tiny"] = "tiny"
     checkpoint: str = ""  # local .pth; empty with `tiny` = build a random tiny SAM under out_dir
-    points_per_side: int = 8
+    points_per_side: int = 4  # 16 prompts: fast for the tiny demo SAM; real SAM models use 32
     pred_iou_thresh: float = 0.5
     stability_score_thresh: float = 0.6
     min_mask_region_area: int = 0
@@ -224,7 +224,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
     domain: str = ""  # training domain; empty = data.source_domain, "all" = every domain
     val_images: int = 64  # validation slice (val split, else held out of the train split)
-    ingest_actors: int = 1  # Ray Data decoding/augmentation actors
+    ingest_actors: int = 1  # Ray Data decoding/augmentation actors; 0 = tasks (no per-epoch actor start-up)
     ingest_cpus: float = 0.5  # CPUs per decoding actor
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
@@ -233,7 +233,7 @@ class TrainConfig:
         require(self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1")
         require(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         require(self.num_workers >= 0 and self.max_failures >= 0, "num_workers and max_failures must be >= 0")
-        require(self.val_images >= 0 and self.ingest_actors >= 1, "val_images >= 0 and ingest_actors >= 1")
+        require(self.val_images >= 0 and self.ingest_actors >= 0, "val_images and ingest_actors must be >= 0")
 
 
 @dataclass
@@ -315,6 +315,7 @@ class TuneConfig:
     grace_period: int = 1  # ASHA: epochs a trial always runs before it may be stopped
     reduction_factor: float = 2.0  # ASHA: keep the best 1/reduction_factor at each rung
     perturbation_interval: int = 1  # PBT: epochs per segment between exploit/explore steps
+    synch: bool = False  # PBT: exploit only once every trial reached the step (reproducible, waits)
     cpus_per_trial: float = 0.5  # the trial driver; training runs there when train.num_workers == 0
     gpus_per_trial: float = 0.0
     max_failures: int = 0  # retries of a failed trial (from its last checkpoint)
