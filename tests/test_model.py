@@ -31,7 +31,7 @@ def test_tiny_preset_shapes_tokenizer_and_transforms():
     model = create_model(cfg)
     assert image_size(cfg) == 64 and model.embed_dim == 128
     tokens = get_tokenizer(cfg)(CAPTIONS)
-    assert tokens.shape == (3, model.clip.context_length) == (3, 32)
+    assert tokens.shape == (3, model.clip.context_length) == (3, 64)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8))
     assert image_transform(cfg, train=False)(img).shape == (3, 64, 64)
     train = image_transform(cfg, train=True)

@@ -24,10 +24,10 @@ from urbancross.model.model import UrbanCrossModel
 log = logging.getLogger(__name__)
 
 TINY_NAME = "urbancross-tiny"
-TINY_CONFIG = {  # the embedded benchmark is 64 px RGB with short captions
+TINY_CONFIG = {  # the embedded benchmark: 64 px RGB, captions of up to ~60 tokens
     "embed_dim": 128,
     "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "head_width": 32, "layers": 3},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
+    "text_cfg": {"context_length": 64, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
 }
 
 # preset -> what it is for. Checkpoints fine-tuned from OpenAI CLIP weights (RemoteCLIP, GeoRSCLIP
