@@ -224,7 +224,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
     domain: str = ""  # training domain; empty = data.source_domain, "all" = every domain
     val_images: int = 64  # validation slice (val split, else held out of the train split)
-    ingest_actors: int = 1  # Ray Data decoding/augmentation actors; 0 = tasks (no per-epoch actor start-up)
+    ingest_actors: int = 0  # 0 = Ray Data tasks (workers reused across epochs); N = a pool of N decoding actors
     ingest_cpus: float = 0.5  # CPUs per decoding actor
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 

@@ -1,0 +1,98 @@
+"""Adversarial fine-tuning pieces: reversal sign, schedules, selection window, weighting."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from urbancross.train.adversarial import (
+    DomainDiscriminator,
+    adversarial_weight,
+    domain_loss,
+    grad_reverse,
+    select_and_weight,
+    selection_window,
+    take_rows,
+    target_likeness,
+)
+
+
+def test_grad_reverse_is_identity_forward_and_flips_scaled_gradient():
+    x = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    y = grad_reverse(x, 0.5)
+    assert torch.equal(y, x.detach())
+    (y * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert x.grad.tolist() == [-0.5, -1.0, -1.5]
+
+
+def test_reversal_pushes_encoder_against_the_discriminator():
+    torch.manual_seed(0)
+    enc, disc = torch.nn.Linear(4, 6), DomainDiscriminator(6, depth=2)
+    x, labels = torch.randn(8, 4), torch.tensor([0.0] * 4 + [1.0] * 4)
+    grads = []
+    for rev in (False, True):
+        enc.zero_grad(), disc.zero_grad()
+        f = enc(x)
+        loss, _ = domain_loss(disc(grad_reverse(f, 0.3) if rev else f), labels)
+        loss.backward()
+        grads.append((enc.weight.grad.clone(), disc.net[0].weight.grad.clone()))
+    assert torch.allclose(grads[1][0], -0.3 * grads[0][0])  # encoder: reversed and scaled
+    assert torch.allclose(grads[1][1], grads[0][1])  # discriminator: unchanged
+
+
+def test_discriminator_sized_from_embedding():
+    d = DomainDiscriminator(12, hidden=0, depth=3)
+    linears = [m for m in d.net if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(12, 12), (12, 12), (12, 1)]
+    assert d(torch.randn(5, 12)).shape == (5,)
+    assert [(m.in_features, m.out_features) for m in DomainDiscriminator(12, 7, 1).net] == [(12, 1)]
+
+
+@pytest.mark.parametrize(
+    "schedule, p, expected",
+    [
+        ("constant", 0.0, 0.1),
+        ("linear", 0.3, 0.03),
+        ("dann", 0.0, 0.0),
+        ("dann", 0.1, 0.1 * (2 / (1 + math.exp(-1)) - 1)),  # 0.0462117
+        ("dann", 0.5, 0.1 * 0.9866142981514305),
+        ("dann", 2.0, 0.1 * (2 / (1 + math.exp(-10)) - 1)),  # progress clipped to 1
+    ],
+)
+def test_adversarial_weight_schedules(schedule, p, expected):
+    assert adversarial_weight(p, schedule, 0.1, gamma=10.0) == pytest.approx(expected)
+
+
+def test_selection_window_moves_through_quintiles():
+    assert [selection_window(e, 5, 0.2, 5) for e in range(5)] == [
+        pytest.approx((s, s + 0.2)) for s in (0.0, 0.2, 0.4, 0.6, 0.8)
+    ]
+    assert [selection_window(e, 3, 0.5, 5)[0] for e in range(3)] == pytest.approx([0.0, 0.25, 0.5])
+    assert selection_window(2, 3, 0.5, 5, enabled=False) == (0.0, 0.5)
+    assert selection_window(1, 5, 0.2, 5, length=0.5)[0] == pytest.approx(0.4)  # k = round(0.5 * 4)
+
+
+def test_select_and_weight_hand_worked():
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.3])
+    idx, w = select_and_weight(scores, (0.0, 0.5))
+    assert idx.tolist() == [1, 2] and w.tolist() == pytest.approx([2.0, 0.0])
+    idx, w = select_and_weight(scores, (0.5, 1.0))
+    assert idx.tolist() == [3, 0] and w.tolist() == pytest.approx([2.0, 0.0])
+    idx, w = select_and_weight(scores, (0.0, 0.75))
+    assert idx.tolist() == [1, 2, 3] and w.tolist() == pytest.approx([2.25, 0.75, 0.0])
+    idx, w = select_and_weight(torch.ones(4), (0.0, 0.5))
+    assert w.tolist() == [1.0, 1.0]
+    s = torch.tensor([0.2, 0.4], requires_grad=True)
+    assert not select_and_weight(s * 2, (0.0, 1.0))[1].requires_grad
+
+
+def test_target_likeness_and_take_rows():
+    src = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert target_likeness(src, torch.tensor([[1.0, 0.0], [3.0, 0.0]])).tolist() == pytest.approx([1.0, 0.0])
+    assert target_likeness(src, torch.tensor([[1.0, 0.0], [0.0, 1.0]])).tolist() == pytest.approx([0.5, 0.5])
+    out = {"image": torch.arange(6).view(3, 2), "logit_scale": torch.tensor(2.0), "extra": {"t": torch.arange(3)}}
+    got = take_rows(out, torch.tensor([2, 0]), 3)
+    assert got["image"].tolist() == [[4, 5], [0, 1]] and got["extra"]["t"].tolist() == [2, 0]
+    assert got["logit_scale"].item() == 2.0

@@ -1,0 +1,230 @@
+"""Training and adaptation loops: in-process runs on the tiny preset, objective gradients,
+the DeepSpeed config, and (slow) real 2-worker ZeRO-2 runs that are killed and resumed."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+from urbancross.config import AdaptConfig, LossConfig, ModelConfig, SynthConfig, TrainConfig, load_config
+from urbancross.train.adversarial import AdaptObjective
+from urbancross.train.deepspeed_config import deepspeed_config
+
+# Finland: 12 images -> 9 train (test_fraction 0.25), 1 held out for validation -> 8 train
+SYNTH = SynthConfig(domains=["Finland", "Spain"], images_per_domain=12, seed=0)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    from urbancross.data.synth import synthesize
+
+    out = str(tmp_path_factory.mktemp("data") / "manifest")
+    synthesize(SYNTH, out)
+    return out
+
+
+def tiny_cfg(manifest: str, out_dir, *overrides: str):
+    return load_config(
+        None,
+        [
+            f"data.manifest={manifest}",
+            f"out_dir={out_dir}",
+            "model.use_segments=false",
+            "train.num_workers=0",
+            "train.ingest_actors=0",
+            "train.batch_size=4",
+            "train.epochs=2",
+            "train.curriculum.pacing=linear",
+            "train.curriculum.difficulty=caption_complexity",
+            "train.curriculum.start_fraction=0.5",
+            "train.curriculum.length=1.0",
+            "adapt.epochs=2",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, manifest, tmp_path_factory):
+    from urbancross.train import run_train
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = tiny_cfg(manifest, out)
+    return cfg, run_train(cfg)
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def test_deepspeed_config_from_ours():
+    ds = deepspeed_config(TrainConfig(batch_size=8, grad_accum=3, grad_clip=0.5, zero_stage=2), world_size=2)
+    assert ds["train_batch_size"] == 48 and ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["gradient_accumulation_steps"] == 3 and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] is False
+    assert ds["zero_allow_untested_optimizer"] is True
+    assert deepspeed_config(TrainConfig(use_gpu=True), 1)["bf16"]["enabled"] is True
+    assert deepspeed_config(TrainConfig(use_gpu=True, precision="fp32"), 1)["bf16"]["enabled"] is False
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from urbancross.model.factory import create_model
+
+    torch.manual_seed(0)
+    return create_model(ModelConfig(use_segments=False))
+
+
+def _objective_grads(tiny_model, phase: str, weight: float):
+    model = copy.deepcopy(tiny_model)
+    torch.manual_seed(0)
+    obj = AdaptObjective(model, LossConfig(), AdaptConfig(select_fraction=0.5))
+    g = torch.Generator().manual_seed(1)
+    batch = lambda: {"images": torch.randn(4, 3, 64, 64, generator=g), "tokens": torch.randint(1, 400, (4, 64), generator=g)}  # noqa: E731
+    loss, logs = obj(batch(), batch(), weight, (0.0, 0.5), phase)
+    loss.backward()
+    enc = model.clip.visual.proj.grad.clone()
+    disc = obj.disc.net[0].weight.grad
+    return enc, None if disc is None else disc.clone(), logs
+
+
+def test_reversal_inside_the_objective(tiny_model):
+    """GRL: encoder gradient = retrieval - w * domain; the discriminator's is unaffected by w."""
+    g0, d0, _ = _objective_grads(tiny_model, "grl", 0.0)
+    gm, dm, _ = _objective_grads(tiny_model, "grl", -1.0)  # coefficient -1: the plain (un-reversed) domain gradient
+    gw, dw, logs = _objective_grads(tiny_model, "grl", 0.5)
+    g_domain = gm - g0
+    assert g_domain.abs().max() > 1e-6
+    assert torch.allclose(gw, g0 - 0.5 * g_domain, atol=1e-6, rtol=1e-4)
+    assert torch.allclose(d0, dw) and torch.allclose(dm, dw)
+    assert logs["weight_max"].item() == pytest.approx(2.0)  # 2 selected rows: min-max -> [1, 0] -> mean 1
+
+
+def test_alternating_phases_touch_one_side_each(tiny_model):
+    g_ret, d_grl, _ = _objective_grads(tiny_model, "grl", 0.0)
+    g_disc_phase, d_disc_phase, _ = _objective_grads(tiny_model, "disc", 0.7)
+    assert torch.allclose(g_disc_phase, g_ret, atol=1e-7)  # encoders: retrieval only
+    assert torch.allclose(d_disc_phase, d_grl)  # discriminator: trained on true labels
+    g_enc_phase, d_enc_phase, _ = _objective_grads(tiny_model, "encoder", 0.7)
+    assert d_enc_phase is None  # frozen discriminator
+    assert not torch.allclose(g_enc_phase, g_ret)
+
+
+# --------------------------------------------------------------------------- in-process runs (Ray Data + DeepSpeed)
+
+
+@pytest.mark.ray
+def test_train_in_process_curriculum_checkpoint_export_mlflow(trained):
+    import mlflow
+
+    from urbancross.model.factory import create_model
+
+    cfg, result = trained
+    m = result["metrics"]
+    # 8 images, pacing linear 0.5 -> 0.75: epoch 1 = 4 easiest (1 step), epoch 2 = 6 (steps of 4 + 2)
+    assert (m["epoch"], m["step"], m["samples"]) == (2, 3, 10)
+    assert m["curriculum_fraction"] == pytest.approx(0.75)
+    assert 0.0 <= m["val_mR"] <= 100.0
+    assert os.path.isdir(os.path.join(result["checkpoint_path"], "ds"))
+    model = create_model(cfg.model, pretrained=result["model_path"])
+    fresh = create_model(cfg.model)
+    assert model.clip.logit_scale.shape == () and not torch.equal(model.clip.visual.proj, fresh.clip.visual.proj)
+    meta = os.path.join(os.path.dirname(result["model_path"]), "model.json")
+    assert json.loads(open(meta).read()) == {"trained_on": "Finland", "adapted_to": None}
+
+    mlflow.set_tracking_uri(cfg.tracking_uri())
+    client = mlflow.MlflowClient()
+    history = client.get_metric_history(result["mlflow_run_id"], "loss")
+    assert [h.step for h in history] == [1, 2]
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.data.params["train.epochs"] == "2" and "val_mR" in run.data.metrics
+
+
+@pytest.mark.ray
+def test_adapt_in_process_alternating_zero2(trained):
+    from urbancross.model.factory import create_model
+    from urbancross.train import run_adapt
+
+    cfg, stage1 = trained
+    cfg = tiny_cfg(cfg.data.manifest, cfg.out_dir, "adapt.mode=alternating", "train.zero_stage=2")
+    result = run_adapt(cfg)
+    m = result["metrics"]
+    assert (m["epoch"], m["step"]) == (2, 6)  # 9 source images in batches of 4: 3 steps per pass
+    assert m["window_start"] == pytest.approx(0.5)  # last pass: the least target-like half
+    assert m["adv_weight"] > 0 and 0.0 <= m["disc_acc"] <= 1.0
+    adapted = create_model(cfg.model, pretrained=result["model_path"])
+    source = create_model(cfg.model, pretrained=stage1["model_path"])
+    assert not torch.equal(adapted.clip.visual.proj, source.clip.visual.proj)
+    meta = json.loads(open(os.path.join(os.path.dirname(result["model_path"]), "model.json")).read())
+    assert meta == {"trained_on": "Finland", "adapted_to": "Spain"}
+
+
+def test_resume_without_a_run_is_a_clear_error(tmp_path, manifest):
+    from urbancross.train.trainer import run_state
+
+    with pytest.raises(FileNotFoundError, match="no train run to resume"):
+        run_state(tiny_cfg(manifest, tmp_path), "train", resume=True)
+
+
+# --------------------------------------------------------------------------- real Ray Train runs
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_workers_zero2_survive_a_killed_worker_then_resume(ray_session, manifest, tmp_path):
+    """Rank 1 dies mid-epoch 2 (first attempt only): FailureConfig restarts the group from the
+    epoch-1 checkpoint and the run completes; `--resume` with one more epoch continues at its step."""
+    from urbancross.train import run_train
+
+    marker = str(tmp_path / "killed")
+
+    def kill_rank1_in_epoch2(rank, epoch, step):
+        if rank == 1 and epoch == 1 and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
+
+    cfg = tiny_cfg(
+        manifest,
+        tmp_path,
+        "train.num_workers=2",
+        "train.zero_stage=2",
+        "train.max_failures=1",
+        "train.curriculum.difficulty=similarity_margin",  # rescored from embeddings gathered over both ranks
+    )
+    first = run_train(cfg, on_step=kill_rank1_in_epoch2)
+    assert os.path.exists(marker)
+    m = first["metrics"]
+    assert m["epoch"] == 2 and m["start_epoch"] == 1 and m["start_step"] >= 1  # restarted from the checkpoint
+    cfg.train.epochs = 3
+    second = run_train(cfg, resume=True)
+    assert second["run_name"] == first["run_name"]
+    assert second["metrics"]["start_step"] == m["step"] and second["metrics"]["start_epoch"] == 2
+    assert second["metrics"]["epoch"] == 3 and second["metrics"]["step"] > m["step"]
+
+
+def test_held_out_slice_is_seeded_and_disjoint(manifest, tmp_path):
+    from urbancross.data.ingest import read_split
+    from urbancross.train.trainer import held_out, validation_slice
+
+    cfg = tiny_cfg(manifest, tmp_path)
+    table = read_split(cfg, "train", "Finland")
+    rest, val = held_out(table, 3, seed=0)
+    ids = lambda t: set(t.column("image_id").to_pylist())  # noqa: E731
+    assert (rest.num_rows, val.num_rows) == (6, 3) and not ids(rest) & ids(val)
+    assert ids(held_out(table, 3, seed=0)[1]) == ids(val) != ids(held_out(table, 3, seed=1)[1])
+    train, val = validation_slice(cfg, table, "Finland")  # no val split: 9 // 5 = 1 image held out
+    assert (train.num_rows, val.num_rows) == (8, 1)
+
+
+def test_a_test_image_in_training_data_is_refused(manifest, tmp_path):
+    from urbancross.data.ingest import read_split
+    from urbancross.data.manifest import ManifestError
+    from urbancross.train.trainer import check_disjoint
+
+    cfg = tiny_cfg(manifest, tmp_path)
+    check_disjoint(cfg, read_split(cfg, "train", None))
+    with pytest.raises(ManifestError, match="1 test image"):
+        check_disjoint(cfg, read_split(cfg, "test", "Spain").slice(0, 1))

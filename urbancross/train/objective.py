@@ -1,0 +1,64 @@
+"""What the DeepSpeed engine runs: model + loss in one module (stage 1), and embedding.
+
+Every forward that touches parameters goes through the engine's module, so ZeRO-3 (which
+gathers parameters in module hooks) and the collectives stay in step on all ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def vectorize_scalars(module: nn.Module) -> list[str]:
+    """Turn 0-dim parameters (CLIP's `logit_scale`) into shape [1]; returns their names.
+
+    DeepSpeed 0.19's initial parameter broadcast does `p.data.view(torch.uint8)`, which fails
+    on 0-dim tensors. Shape [1] broadcasts the same way in every use; `scalar_state` undoes it.
+    """
+    names = []
+    for mod_name, mod in module.named_modules():
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if p.dim() == 0:
+                setattr(mod, name, nn.Parameter(p.detach().reshape(1).clone(), requires_grad=p.requires_grad))
+                names.append(f"{mod_name}.{name}" if mod_name else name)
+    return names
+
+
+def restore_scalars(module: nn.Module, names: list[str]) -> nn.Module:
+    """Inverse of `vectorize_scalars` (in place), so the state dict matches a fresh model."""
+    for full in names:
+        mod_name, _, name = full.rpartition(".")
+        mod = module.get_submodule(mod_name) if mod_name else module
+        p = getattr(mod, name)
+        setattr(mod, name, nn.Parameter(p.detach().reshape(()).clone(), requires_grad=p.requires_grad))
+    return module
+
+
+def embed_batch(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(retrieval image embeddings [B,D], text embeddings [B*C,D] of all C captions per image).
+
+    `batch["tokens"]` is [B,C,L] (every caption) or [B,L] (one per image).
+    """
+    tokens = batch["tokens"]
+    first = tokens[:, 0] if tokens.dim() == 3 else tokens
+    out = model(batch["images"], first, batch.get("segments"), batch.get("segment_mask"))
+    texts = model.encode_text(tokens.flatten(0, 1)) if tokens.dim() == 3 else out["text"]
+    return out["fused"], texts
+
+
+class RetrievalObjective(nn.Module):
+    """forward(batch) -> (loss, parts); forward(batch, embed=True) -> `embed_batch`."""
+
+    def __init__(self, model: nn.Module, loss_cfg):
+        super().__init__()
+        self.model = model
+        self.loss_cfg = loss_cfg
+
+    def forward(self, batch: dict, embed: bool = False):
+        from urbancross.loss import retrieval_loss
+
+        if embed:
+            return embed_batch(self.model, batch)
+        out = self.model(batch["images"], batch["tokens"], batch.get("segments"), batch.get("segment_mask"))
+        return retrieval_loss(out, self.loss_cfg)

@@ -1,0 +1,286 @@
+"""TorchTrainer glue for stage 1 (`run_train`) and stage 2 (`run_adapt`).
+
+The driver reads the manifest splits, builds the Ray Datasets (decoding and augmentation in
+Ray Data actors), creates the MLflow run and the `TorchTrainer`, and writes the result.
+
+Resume (Train V2 has no `resume_from_checkpoint`): every fresh run gets a new name
+`<stage>-<time>` under `<out_dir>/ray_results`, recorded in `<out_dir>/<stage>/run.json`;
+`resume=True` re-runs with that same `RunConfig(name, storage_path)`, so the loop finds the
+latest checkpoint through `ray.train.get_checkpoint()` and logs into the same MLflow run.
+Outputs: `<out_dir>/<stage>/model.pt` (plain state dict for `create_model(pretrained=...)`)
+and `<out_dir>/<stage>/result.json`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from urbancross.config import Config, ConfigError
+from urbancross.data.ingest import ModelInputs, caption_texts, read_split, sample_key
+from urbancross.data.manifest import ManifestError, read_manifest
+from urbancross.train.curriculum import caption_complexity
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+OPTIONS = {"callbacks", "resume_from", "stop_epoch", "on_step"}
+RESULT_FILE = "result.json"
+MODEL_FILE = "model.pt"
+
+
+# --------------------------------------------------------------------------- paths + run state
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """A copy with every path absolute: Ray workers and actors run in other directories."""
+    cfg = copy.deepcopy(cfg)
+    if not cfg.data.manifest:
+        raise ConfigError("data.manifest is empty: set it to a manifest folder (or run `urbancross demo`)")
+    if "://" not in cfg.data.manifest:
+        cfg.data.manifest = str(Path(cfg.data.manifest).resolve())
+    for section, name in ((cfg, "out_dir"), (cfg.data, "root"), (cfg.adapt, "checkpoint")):
+        value = getattr(section, name)
+        if value and "://" not in value:
+            setattr(section, name, str(Path(value).resolve()))
+    cfg.mlflow.tracking_uri = cfg.tracking_uri()
+    return cfg
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def run_state(cfg: Config, stage: str, resume: bool) -> dict:
+    """Name (and MLflow run id) of this stage's run: the recorded one to resume, else a new one."""
+    path = Path(cfg.out_dir) / stage / RUN_FILE
+    if resume:
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no {stage} run to resume (run without --resume first)")
+        return json.loads(path.read_text())
+    return {"name": f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", "mlflow_run_id": None}
+
+
+# --------------------------------------------------------------------------- data
+
+
+def held_out(table: pa.Table, count: int, seed: int) -> tuple[pa.Table, pa.Table]:
+    """(rest, slice): a seeded slice of `count` images, disjoint from the rest."""
+    import numpy as np
+
+    ids = table.column("image_id").to_pylist()
+    order = np.argsort([sample_key(f"{seed}/{i}") for i in ids], kind="stable")
+    chosen = np.zeros(len(ids), dtype=bool)
+    chosen[order[:count]] = True
+    return table.filter(pa.array(~chosen)), table.filter(pa.array(chosen))
+
+
+def validation_slice(cfg: Config, table: pa.Table, domain: str | None) -> tuple[pa.Table, pa.Table | None]:
+    """(training rows, validation rows): the val split when present, else held out of `table`."""
+    if cfg.train.val_images == 0:
+        return table, None
+    try:
+        val = read_split(cfg, cfg.data.val_split, domain)
+    except ManifestError:
+        count = min(cfg.train.val_images, table.num_rows // 5)
+        if count == 0:
+            return table, None
+        return held_out(table, count, cfg.seed)
+    return table, held_out(val, cfg.train.val_images, cfg.seed)[1] if val.num_rows > cfg.train.val_images else val
+
+
+def check_disjoint(cfg: Config, *used: pa.Table | None) -> None:
+    """A test image must never be trained, adapted or validated on."""
+    table = read_manifest(cfg.data.manifest, columns=["image_id", "split"])
+    test = set(table.filter(pc.equal(table.column("split"), cfg.data.test_split)).column("image_id").to_pylist())
+    for t in used:
+        if t is None:
+            continue
+        leak = test.intersection(t.column("image_id").to_pylist())
+        if leak:
+            raise ManifestError(f"{cfg.data.manifest}: {len(leak)} test image(s) also in training data, e.g. {sorted(leak)[:3]}")
+
+
+def difficulty_scores(cfg: Config, table: pa.Table) -> dict[str, list]:
+    """Cold-start difficulty (caption complexity), keyed like the loop's batches."""
+    rows = table.select([c for c in ("image_id", "captions", "refined_captions") if c in table.column_names]).to_pylist()
+    return {
+        "keys": [sample_key(str(r["image_id"])) for r in rows],
+        "values": [caption_complexity(caption_texts(r, cfg)) for r in rows],
+    }
+
+
+def model_inputs(cfg: Config, table: pa.Table, train: bool):
+    """Manifest rows -> Ray Dataset of model-ready arrays, decoded/augmented in Ray Data.
+
+    `train.ingest_actors` >= 1: a pool of `ModelInputs` actors (tokenizer built once per
+    actor; best for long epochs). 0: plain tasks, whose worker processes Ray reuses across
+    epochs (no actor start-up per epoch; best for tiny data on few CPUs).
+    """
+    import ray.data
+
+    blocks = max(1, min(table.num_rows, 4 * max(1, cfg.train.num_workers)))
+    step = math.ceil(table.num_rows / blocks)
+    ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
+    common = {"batch_format": "numpy", "batch_size": cfg.train.batch_size, "num_cpus": cfg.train.ingest_cpus}
+    if cfg.train.ingest_actors == 0:
+        return ds.map_batches(_decode_task, fn_kwargs={"cfg": cfg, "train": train}, **common)
+    return ds.map_batches(
+        ModelInputs,
+        fn_constructor_kwargs={"cfg": cfg, "train": train},
+        compute=ray.data.ActorPoolStrategy(size=cfg.train.ingest_actors),
+        **common,
+    )
+
+
+def _decode_task(batch: dict, cfg: Config, train: bool) -> dict:
+    return ModelInputs(cfg, train)(batch)
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+def _trainer(cfg: Config, loop: Callable, loop_config: dict, name: str, datasets: dict, split: list[str], callbacks=()):
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t = cfg.train
+    scaling = ScalingConfig(
+        num_workers=t.num_workers,
+        use_gpu=t.use_gpu,
+        resources_per_worker=None if t.num_workers == 0 else {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
+    )
+    run = RunConfig(
+        name=name,
+        storage_path=str(Path(cfg.out_dir) / "ray_results"),
+        failure_config=FailureConfig(max_failures=t.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+        callbacks=list(callbacks) or None,
+    )
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=scaling,
+        run_config=run,
+        datasets={k: v for k, v in datasets.items() if v is not None},
+        dataset_config=ray.train.DataConfig(datasets_to_split=split),
+    )
+
+
+def _fit(
+    cfg: Config, stage: str, loop: Callable, loop_config: dict, datasets: dict, split: list[str], state: dict, options: dict, model_meta: dict
+) -> dict:
+    """Create/resume the MLflow run, fit, and record the result (the loop exports the model)."""
+    import ray
+
+    from urbancross.tracking import log_json_artifact, mlflow_run
+
+    if not ray.is_initialized():
+        ray.init()
+    stage_dir = Path(cfg.out_dir) / stage
+    if not state.get("mlflow_run_id"):
+        with mlflow_run(cfg, state["name"], tags={"stage": stage}) as run:
+            state["mlflow_run_id"] = run.info.run_id
+    _write_json(stage_dir / RUN_FILE, state)
+    loop_config = {
+        **loop_config,
+        "cfg": cfg.to_dict(),
+        "run_id": state["mlflow_run_id"],
+        "model_path": str(stage_dir / MODEL_FILE),
+        "local": cfg.train.num_workers == 0,
+        "on_step": options.get("on_step"),
+        "resume_from": options.get("resume_from"),
+        "stop_epoch": options.get("stop_epoch"),
+    }
+    result = _trainer(cfg, loop, loop_config, state["name"], datasets, split, options.get("callbacks") or ()).fit()
+    out = {
+        "stage": stage,
+        "run_name": state["name"],
+        "mlflow_run_id": state["mlflow_run_id"],
+        "model_path": str(stage_dir / MODEL_FILE),
+        "checkpoint_path": result.checkpoint.path if result.checkpoint else None,
+        "metrics": dict(result.metrics or {}),
+    }
+    with mlflow_run(cfg, state["name"], run_id=state["mlflow_run_id"]):
+        log_json_artifact(out, f"{stage}_result.json")
+    _write_json(stage_dir / "model.json", model_meta)
+    _write_json(stage_dir / RESULT_FILE, out)
+    return out
+
+
+def run_train(cfg: Config, resume: bool = False, **options) -> dict:
+    """Stage 1 -> {"model_path", "checkpoint_path", "metrics", "run_name", "mlflow_run_id", "stage"}.
+
+    Options (for Tune and tests): `callbacks` (RunConfig callbacks, e.g. TuneReportCallback),
+    `resume_from` (a checkpoint folder to start from when the run has none of its own, e.g.
+    a PBT clone), `stop_epoch` (stop after this many epochs; the pacing still spans
+    train.epochs), `on_step(rank=, epoch=, step=)` (called by every worker after each step:
+    fault injection in tests).
+    """
+    unknown = set(options) - OPTIONS
+    if unknown:
+        raise TypeError(f"run_train: unknown options {sorted(unknown)}")
+    from urbancross.train.loop import train_loop_per_worker
+
+    cfg = absolute_paths(cfg)
+    state = run_state(cfg, "train", resume)
+    domain = {"": cfg.data.source_domain, "all": None}.get(cfg.train.domain, cfg.train.domain)
+    table, val = validation_slice(cfg, read_split(cfg, cfg.data.train_split, domain), domain)
+    check_disjoint(cfg, table, val)
+    log.info("train: %d images (%s), validation %d", table.num_rows, domain or "all domains", 0 if val is None else val.num_rows)
+    datasets = {"train": model_inputs(cfg, table, train=True), "val": None if val is None else model_inputs(cfg, val, train=False)}
+    loop_config = {"scores": difficulty_scores(cfg, table), "init_model": cfg.model.pretrained}
+    meta = {"trained_on": domain or "all", "adapted_to": None}
+    return _fit(cfg, "train", train_loop_per_worker, loop_config, datasets, ["train"], state, options, meta)
+
+
+def stage1_model(cfg: Config) -> str:
+    """The weights adaptation starts from: adapt.checkpoint (file or folder), else stage 1's export."""
+    path = Path(cfg.adapt.checkpoint or Path(cfg.out_dir) / "train")
+    if path.is_dir() or path.suffix != ".pt":
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"adapt.checkpoint: {path} not found (run `urbancross train` first or set adapt.checkpoint)")
+    return str(path)
+
+
+def run_adapt(cfg: Config, resume: bool = False, **options) -> dict:
+    """Stage 2 (weighted adversarial fine-tuning) -> the same result dict and options as `run_train`."""
+    unknown = set(options) - OPTIONS
+    if unknown:
+        raise TypeError(f"run_adapt: unknown options {sorted(unknown)}")
+    from urbancross.train.loop import adapt_loop_per_worker
+
+    cfg = absolute_paths(cfg)
+    if cfg.adapt.mode == "alternating" and cfg.train.zero_stage == 3:
+        raise ConfigError("adapt.mode=alternating needs full discriminator weights on each rank: use train.zero_stage <= 2")
+    state = run_state(cfg, "adapt", resume)
+    init_model = stage1_model(cfg)
+    source = read_split(cfg, cfg.data.train_split, cfg.data.source_domain)
+    target, val = validation_slice(cfg, read_split(cfg, cfg.data.train_split, cfg.data.target_domain), cfg.data.target_domain)
+    check_disjoint(cfg, source, target, val)
+    log.info("adapt: source %d images (%s), target %d (%s)", source.num_rows, cfg.data.source_domain, target.num_rows, cfg.data.target_domain)
+    datasets = {
+        "source": model_inputs(cfg, source, train=True),
+        "target": model_inputs(cfg, target, train=True),
+        "val": None if val is None else model_inputs(cfg, val, train=False),
+    }
+    loop_config = {
+        "init_model": init_model,
+        "steps_per_epoch": math.ceil(source.num_rows / (cfg.train.batch_size * max(1, cfg.train.num_workers))),
+    }
+    meta = {"trained_on": cfg.data.source_domain, "adapted_to": cfg.data.target_domain}
+    return _fit(cfg, "adapt", adapt_loop_per_worker, loop_config, datasets, ["source"], state, options, meta)
