@@ -81,6 +81,95 @@ def cmd_data_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    import logging
+
+    from urbancross.preprocess import run_preprocess
+
+    cfg = _config(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    summary = run_preprocess(cfg)
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """`train` and `adapt`: one Ray Train + DeepSpeed stage; prints the result dict."""
+    import logging
+
+    from urbancross.train import run_adapt, run_train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    run = run_adapt if args.command == "adapt" else run_train
+    result = run(_config(args), resume=args.resume)
+    print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from urbancross.tune import run_tune
+
+    summary = run_tune(_config(args), args.space)
+    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def _registry_call(fn, *a, **kw):
+    """Run a registry operation; a tracking server that is down is one clear line, exit 1."""
+    from urbancross.registry import RegistryError
+
+    try:
+        return fn(*a, **kw)
+    except RegistryError as e:
+        print(f"urbancross: error: {e}", file=sys.stderr)
+        return None
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from urbancross.evaluate.job import run_evaluate
+    from urbancross.evaluate.report import to_markdown
+
+    models = dict(m.split("=", 1) for m in args.models) if args.models else None
+    records = run_evaluate(_config(args), models, use_ray=not args.no_ray)
+    print(to_markdown(records))
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from urbancross.registry.promote import promote
+
+    result = _registry_call(promote, _config(args), args.run, args.model)
+    if result is None:
+        return 1
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from urbancross.registry import check_tracking_server
+    from urbancross.registry.search import build_index
+    from urbancross.tracking import configure
+
+    cfg = _config(args)
+    if _registry_call(check_tracking_server, configure(cfg)) is None:
+        return 1
+    summary = build_index(args.model, args.manifest, args.out, cfg, split=args.split, use_ray=not args.no_ray)
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from urbancross.registry import check_tracking_server
+    from urbancross.registry.search import format_results, search
+    from urbancross.tracking import configure
+
+    cfg = _config(args)
+    if _registry_call(check_tracking_server, configure(cfg)) is None:
+        return 1
+    print(format_results(search(args.model, args.index, args.query, args.top)))
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -142,6 +231,87 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("summary", cmd_data_summary, "Print images and captions per split and domain of a manifest.", dsub)
     p.add_argument("manifest", help="manifest folder or URI")
+
+    p = add(
+        "preprocess",
+        cmd_preprocess,
+        "Add SAM segments and LMM-refined captions to a manifest with Ray Data (preprocess.input -> "
+        "preprocess.output; bad rows go to <output>_rejects.parquet; a re-run skips finished rows).",
+    )
+    _add_config_args(p)
+
+    for name, text in (
+        (
+            "train",
+            "Train the retrieval model with Ray Train + DeepSpeed and curriculum sampling (checkpoint every "
+            "epoch, MLflow logging); writes OUT_DIR/train/model.pt.",
+        ),
+        (
+            "adapt",
+            "Weighted adversarial fine-tuning of the trained model from the source to the target domain "
+            "(Ray Train + DeepSpeed); writes OUT_DIR/adapt/model.pt.",
+        ),
+    ):
+        p = add(name, cmd_train, text)
+        _add_config_args(p)
+        p.add_argument("--resume", action="store_true", help="continue the last run of this stage from its latest checkpoint")
+
+    p = add(
+        "tune",
+        cmd_tune,
+        "Sweep a search space with Ray Tune (each trial a Ray Train run; ASHA or PBT), log every trial "
+        "to MLflow under one parent run, and write the best trial's config (resumes an interrupted sweep).",
+    )
+    _add_config_args(p)
+    p.add_argument("--space", required=True, metavar="YAML", help="search space file, e.g. tune_spaces/curriculum.yaml")
+
+
+    p = add(
+        "evaluate",
+        cmd_evaluate,
+        "Evaluate the trained (and adapted) models on every domain of the test split (Ray Data batch "
+        "inference); write the cross-domain table as JSON, Markdown and PNG and log it to MLflow.",
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--model",
+        metavar="NAME=PATH",
+        action="append",
+        default=[],
+        dest="models",
+        help="a model to evaluate (repeatable; default: OUT_DIR/train/model.pt as `source`, OUT_DIR/adapt/model.pt as "
+        "`adapted`); trained_on/adapted_to come from a model.json beside the weights, else from data.*_domain",
+    )
+    p.add_argument("--no-ray", action="store_true", help="embed in this process instead of a Ray Data actor pool")
+
+    p = add(
+        "promote",
+        cmd_promote,
+        "Register a run's model as a new version; move the `champion` alias to it only if it beats the current "
+        "champion on the promotion split by promote.margin (else set `challenger`); record the decision as tags.",
+    )
+    _add_config_args(p)
+    p.add_argument("--run", required=True, metavar="RUN_ID", help="MLflow run whose `model` was logged by training")
+    p.add_argument("--model", metavar="NAME", help="registered model name (default: mlflow.registered_model)")
+
+    p = add(
+        "index",
+        cmd_index,
+        "Embed the images of a manifest with a logged model (Ray Data batch inference) into a Parquet index.",
+    )
+    _add_config_args(p)
+    p.add_argument("--model", required=True, metavar="URI", help="e.g. models:/urbancross@champion or runs:/RUN_ID/model")
+    p.add_argument("--manifest", required=True, metavar="DIR", help="manifest folder whose images to index")
+    p.add_argument("--out", required=True, metavar="FILE", help="index file to write (Parquet)")
+    p.add_argument("--split", help="index only this split (default: all rows)")
+    p.add_argument("--no-ray", action="store_true", help="embed in this process instead of a Ray Data actor pool")
+
+    p = add("search", cmd_search, "Print the images of an index that best match a text query (id, domain, score).")
+    _add_config_args(p)
+    p.add_argument("--model", required=True, metavar="URI", help="the model that built the index, e.g. models:/urbancross@champion")
+    p.add_argument("--index", required=True, metavar="FILE", help="index written by `urbancross index`")
+    p.add_argument("--top", type=int, default=5, metavar="K", help="how many images to print (default 5)")
+    p.add_argument("query", help='text query, e.g. "a stadium next to a river"')
 
     return parser
 

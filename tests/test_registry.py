@@ -1,0 +1,341 @@
+"""MLflow registry: the decision rule, the pyfunc model, promotion by aliases, index and search.
+
+Runs against a real `mlflow server` process (module fixture) and the default local SQLite
+store. "Better" is real: one model has its projection heads fitted to the evaluation split
+(cheap: the towers' features are computed once), the other is random.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from urbancross.cli import main
+from urbancross.config import config_from_dict
+from urbancross.registry import RegistryError, check_tracking_server
+from urbancross.registry.promote import decide, promote
+from urbancross.registry.pyfunc import load_urbancross, log_model
+from urbancross.registry.search import build_index, read_index, search, top_k
+from urbancross.tracking import mlflow_run
+
+@pytest.fixture(autouse=True)
+def no_inherited_tracking_uri(monkeypatch):
+    """mlflow.set_tracking_uri exports $MLFLOW_TRACKING_URI, which Config.tracking_uri() reads:
+    without this, one test's store would leak into the next test's config."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # undone (unset) again after the test
+
+
+# --------------------------------------------------------------------------- decide (pure)
+
+
+def test_decide_first_version_wins():
+    assert decide({"A": 10.0}, None, margin=1.0, max_domain_drop=0.0) == (True, "no champion yet")
+
+
+def test_decide_needs_the_margin():
+    champ = {"A": 50.0, "B": 60.0}  # mean 55
+    ok, reason = decide({"A": 51.0, "B": 60.0}, champ, margin=0.5, max_domain_drop=2.0)  # mean 55.5
+    assert ok and "gain +0.50 >= margin 0.5" in reason
+    ok, reason = decide({"A": 50.8, "B": 60.0}, champ, margin=0.5, max_domain_drop=2.0)  # mean 55.4
+    assert not ok and "gain +0.40 < margin 0.5" in reason
+
+
+def test_decide_refuses_a_domain_drop_even_with_a_higher_mean():
+    ok, reason = decide({"A": 70.0, "B": 57.5}, {"A": 50.0, "B": 60.0}, margin=0.5, max_domain_drop=2.0)
+    assert not ok and reason == "mR on B drops by 2.50 > max_domain_drop 2"
+    assert decide({"A": 70.0, "B": 58.0}, {"A": 50.0, "B": 60.0}, margin=0.5, max_domain_drop=2.0)[0]
+
+
+def test_decide_refuses_missing_domains_and_empty_scores():
+    assert decide({"A": 99.0}, {"A": 50.0, "B": 60.0}, 0.0, 100.0) == (False, "candidate was not evaluated on B")
+    assert decide({}, None, 0.0, 0.0)[0] is False
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quiet_single_thread():
+    """One torch thread (the 2 cores are shared with the tracking server) and no progress bars."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    old = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    yield
+    torch.set_num_threads(threads)
+    if old is None:
+        os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    else:
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old
+
+
+def fit_projections(model, cfg, table, steps: int = 200) -> None:
+    """Fit only the two projection heads to `table` (InfoNCE on cached tower features)."""
+    from urbancross.data.ingest import ModelInputs
+    from urbancross.evaluate.job import numpy_batches
+
+    x = ModelInputs(cfg, train=False)(next(numpy_batches(table, table.num_rows)))
+    clip = model.clip
+    vproj, tproj = clip.visual.proj, clip.text_projection
+    tokens = torch.as_tensor(x["tokens"])
+    n, c, length = tokens.shape
+    with torch.no_grad():
+        clip.visual.proj, clip.text_projection = None, None  # towers output pre-projection features
+        img = clip.visual(torch.as_tensor(x["images"]))
+        txt = clip.encode_text(tokens.reshape(n * c, length))
+    clip.visual.proj, clip.text_projection = vproj, tproj
+    owner = torch.arange(n).repeat_interleave(c)
+    opt = torch.optim.Adam([vproj, tproj], lr=1e-2)
+    for _ in range(steps):
+        i, t = F.normalize(img @ vproj, dim=-1), F.normalize(txt @ tproj, dim=-1)
+        loss = F.cross_entropy(20 * t @ i.T, owner) + F.cross_entropy(20 * i @ t[::c].T, torch.arange(n))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """A 3-domain manifest (6 test images each) and two weight files: `random` and `trained`."""
+    from urbancross.data.ingest import read_split
+    from urbancross.data.synth import synthesize
+    from urbancross.model.factory import create_model, save_model
+
+    root = tmp_path_factory.mktemp("registry")
+    raw = {
+        "out_dir": str(root / "run"),
+        "synth": {"images_per_domain": 12, "test_fraction": 0.5},
+        "data": {"manifest": str(root / "manifest")},
+        "promote": {"margin": 0.5, "max_domain_drop": 2.0},
+    }
+    cfg = config_from_dict(raw)
+    synthesize(cfg.synth, cfg.data.manifest)
+    torch.manual_seed(0)
+    model = create_model(cfg.model)
+    weights = {"random": str(root / "random.pt"), "trained": str(root / "trained.pt")}
+    save_model(model, weights["random"])
+    fit_projections(model, cfg, read_split(cfg, "test"))
+    save_model(model, weights["trained"])
+    return raw, weights
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on a free local port (SQLite backend, proxied artifacts)."""
+    root = tmp_path_factory.mktemp("server")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    exe = str(Path(sys.executable).with_name("mlflow"))
+    cmd = [exe, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")]
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                check_tracking_server(uri, timeout=1.0)
+                break
+            except RegistryError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its workers only
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def make_cfg(raw: dict, tmp_path: Path, tracking_uri: str = "", **sections):
+    """The bench config on its own store (`tracking_uri`, or SQLite under `tmp_path`)."""
+    return config_from_dict({**raw, "out_dir": str(tmp_path / "run"), "mlflow": {"tracking_uri": tracking_uri}, **sections})
+
+
+def log_run(cfg, weights: str) -> str:
+    """A training run that logged the model at `weights` (what train/adapt do at their end)."""
+    with mlflow_run(cfg, "train") as run:
+        log_model(weights, cfg)
+    return run.info.run_id
+
+
+def encode_text(weights: str, cfg, texts: list[str]) -> np.ndarray:
+    from urbancross.model.factory import create_model, get_tokenizer
+
+    model = create_model(cfg.model, pretrained=weights).eval()
+    with torch.no_grad():
+        return model.encode_text(get_tokenizer(cfg.model)(texts)).numpy()
+
+
+def first_test_caption(cfg) -> tuple[str, str]:
+    from urbancross.data.ingest import read_split
+
+    row = read_split(cfg, "test").slice(0, 1).to_pylist()[0]
+    return row["image_id"], row["captions"][0]
+
+
+# --------------------------------------------------------------------------- pyfunc
+
+
+def test_pyfunc_maps_text_and_images_to_the_models_embeddings(bench, tmp_path, monkeypatch):
+    from urbancross.data.ingest import read_split
+    from urbancross.evaluate.job import embed_table
+
+    raw, weights = bench
+    monkeypatch.chdir(tmp_path)  # a SQLite store puts artifacts under ./mlruns
+    cfg = make_cfg(raw, tmp_path)
+    with mlflow_run(cfg, "train"):
+        uri = log_model(weights["trained"], cfg)
+    info = mlflow.models.get_model_info(uri)
+    assert info.signature.inputs.input_names() == ["text", "image"]
+    assert info.metadata["preset"] == "tiny" and info.metadata["model_config"]["use_segments"] is True
+    pm = mlflow.pyfunc.load_model(uri)
+    texts = ["two large buildings north of a road", "a lake"]
+    np.testing.assert_allclose(pm.predict(pd.DataFrame({"text": texts})), encode_text(weights["trained"], cfg, texts), atol=1e-5)
+    table = read_split(cfg, "test").slice(0, 3)
+    got = pm.predict(pd.DataFrame({"image": table.column("image").to_pylist()}))
+    model, _ = load_urbancross(uri)
+    want = embed_table(model, table, cfg)  # evaluation's image embedding (rows sorted by id)
+    order = np.argsort(table.column("image_id").to_pylist())
+    np.testing.assert_allclose(got[order], want["image"], atol=1e-5)
+    with pytest.raises(Exception, match="exactly one of the columns"):
+        pm.predict(pd.DataFrame({"text": ["a"], "image": [b"x"]}))
+
+
+# --------------------------------------------------------------------------- promotion
+
+
+def test_promote_end_to_end_on_a_tracking_server(bench, mlflow_server, tmp_path, monkeypatch, capsys):
+    raw, weights = bench
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg(raw, tmp_path, mlflow_server)
+    random_run, trained_run = log_run(cfg, weights["random"]), log_run(cfg, weights["trained"])
+
+    first = promote(cfg, random_run, "city")
+    assert (first["version"], first["promoted"], first["reason"]) == (1, True, "no champion yet")
+    second = promote(cfg, trained_run, "city")
+    assert (second["version"], second["decision"], second["champion_version"]) == (2, "champion", 1)
+    assert second["champion_mR"] == first["candidate_mR"]  # the champion re-evaluated: same split, same numbers
+    assert all(second["candidate_mR"][d] > first["candidate_mR"][d] + 2 for d in ("Finland", "Germany", "Spain"))
+    third = promote(cfg, random_run, "city")
+    assert (third["version"], third["decision"], third["promoted"]) == (3, "challenger", False)
+    assert third["candidate_mR"] == first["candidate_mR"]
+    assert "drops by" in third["reason"]
+
+    client = mlflow.MlflowClient(cfg.tracking_uri())
+    assert int(client.get_model_version_by_alias("city", "champion").version) == 2
+    assert int(client.get_model_version_by_alias("city", "challenger").version) == 3
+    tags = client.get_model_version("city", "3").tags
+    assert tags["promote.decision"] == "challenger" and tags["promote.champion_version"] == "2"
+    assert json.loads(tags["promote.candidate_mR"]) == third["candidate_mR"]
+    assert json.loads(tags["promote.champion_mR"]) == second["candidate_mR"]
+    assert tags["promote.reason"] == third["reason"] and tags["promote.time"].startswith("20")
+
+    # the champion serves search: index the test split, then query with one of its captions
+    index = str(tmp_path / "index.parquet")
+    summary = build_index("models:/city@champion", cfg.data.manifest, index, cfg, split="test", use_ray=False)
+    assert summary["images"] == 18
+    ids, domains, vectors, built_with = read_index(index)
+    assert built_with == "models:/city@champion" and vectors.shape == (18, 128)
+    image_id, caption = first_test_caption(cfg)
+    hits = search("models:/city@champion", index, caption, top=3)
+    order, scores = top_k(vectors, encode_text(weights["trained"], cfg, [caption])[0], 3)
+    assert [h["image_id"] for h in hits] == [ids[i] for i in order]
+    assert [h["score"] for h in hits] == pytest.approx(scores.tolist(), abs=1e-5)
+    assert hits[0]["image_id"] == image_id  # the fitted model finds the captioned image
+
+    capsys.readouterr()  # drop MLflow's "View run" lines printed so far
+    code = main(["search", "--model", "models:/city@champion", "--index", index, "--top", "2",
+                 "--set", f"mlflow.tracking_uri={mlflow_server}", caption])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and len(lines) == 2 and lines[0].split()[-1] == image_id
+
+
+def test_failed_promotion_leaves_no_version(bench, mlflow_server, tmp_path, monkeypatch):
+    raw, weights = bench
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg(raw, tmp_path, mlflow_server)
+    run_id = log_run(cfg, weights["random"])
+
+    def broken(cfg, uri):
+        raise RuntimeError("evaluation failed")
+
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        promote(cfg, run_id, "ghost", evaluate=broken)
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        promote(cfg, "0" * 32, "ghost")  # no such run
+    assert mlflow.MlflowClient(cfg.tracking_uri()).search_model_versions("name='ghost'") == []
+
+
+def test_tracking_server_down_fails_fast_naming_the_uri(bench, tmp_path, capsys):
+    raw, _ = bench
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    start = time.monotonic()
+    code = main(["promote", "--run", "0" * 32, "--set", f"mlflow.tracking_uri={uri}", "--set", f"out_dir={tmp_path}"])
+    assert code == 1 and time.monotonic() - start < 10
+    assert f"MLflow tracking server {uri} is not reachable" in capsys.readouterr().err
+
+
+def test_promote_on_the_local_store_with_given_scores(bench, tmp_path, monkeypatch):
+    """The gate's bookkeeping on the default SQLite store; scores come through the seam."""
+    raw, weights = bench
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg(raw, tmp_path)
+    run_id = log_run(cfg, weights["random"])
+    v1 = {"A": 60.0, "B": 60.0}
+    scores = iter([v1, {"A": 70.0, "B": 55.0}, v1, {"A": 61.0, "B": 60.2}, v1])  # candidate, then champion
+    seen = []
+
+    def given(cfg, uri):
+        seen.append(uri)
+        return next(scores)
+
+    assert promote(cfg, run_id, evaluate=given)["decision"] == "champion"  # first version
+    refused = promote(cfg, run_id, evaluate=given)
+    assert refused["decision"] == "challenger" and refused["reason"] == "mR on B drops by 5.00 > max_domain_drop 2"
+    assert promote(cfg, run_id, evaluate=given)["decision"] == "champion"  # gain +0.60 >= 0.5
+    assert seen == [f"runs:/{run_id}/model"] + [f"runs:/{run_id}/model", "models:/urbancross@champion"] * 2
+    client = mlflow.MlflowClient(cfg.tracking_uri())
+    assert int(client.get_model_version_by_alias("urbancross", "champion").version) == 3
+    assert int(client.get_model_version_by_alias("urbancross", "challenger").version) == 2
+    pm = mlflow.pyfunc.load_model("models:/urbancross@champion")
+    assert pm.predict(pd.DataFrame({"text": ["a lake"]})).shape == (1, 128)
+
+
+@pytest.mark.ray
+def test_index_with_ray_equals_in_process(bench, tmp_path, monkeypatch, ray_session):
+    raw, weights = bench
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg(raw, tmp_path)
+    with mlflow_run(cfg, "train") as run:
+        log_model(weights["trained"], cfg)
+    uri = f"runs:/{run.info.run_id}/model"
+    build_index(uri, cfg.data.manifest, str(tmp_path / "ray.parquet"), cfg, use_ray=True)
+    build_index(uri, cfg.data.manifest, str(tmp_path / "local.parquet"), cfg, use_ray=False)
+    ray_ids, ray_domains, ray_vec, _ = read_index(str(tmp_path / "ray.parquet"))
+    ids, domains, vec, _ = read_index(str(tmp_path / "local.parquet"))
+    assert len(ids) == 36 and ray_ids == ids and ray_domains == domains
+    np.testing.assert_allclose(ray_vec, vec, atol=1e-5)

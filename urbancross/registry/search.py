@@ -1,0 +1,149 @@
+"""Text -> image search over an embedding index built with a registered model.
+
+The index is one Parquet file (`image_id`, `domain`, `vector`), built by Ray Data batch
+inference: each actor loads the pyfunc model once (from `models:/NAME@alias`, `runs:/...`)
+and embeds images exactly as evaluation does (`evaluate.job.embed_batch`). The file
+records which model built it, and a query is refused if the dimensions disagree.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from urbancross.config import Config
+
+log = logging.getLogger(__name__)
+
+MODEL_KEY = b"urbancross.model_uri"
+
+
+class IndexEmbedder:
+    """Ray Data actor: the pyfunc model, loaded once, -> `image_id`, `domain`, `image` vectors."""
+
+    def __init__(self, model_uri: str, cfg: Config, manifest: str):
+        from urbancross.data.ingest import ModelInputs
+        from urbancross.evaluate.job import with_model
+        from urbancross.registry.pyfunc import load_urbancross
+        from urbancross.tracking import configure
+
+        configure(cfg)  # a Ray worker does not inherit the driver's tracking URI (models:/ needs it)
+        self.model, model_cfg = load_urbancross(model_uri)
+        self.cfg = with_model(cfg, model_cfg, manifest)
+        self.inputs = ModelInputs(self.cfg, train=False, keep_ids=True)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from urbancross.evaluate.job import embed_batch
+
+        return embed_batch(self.model, self.inputs, batch, self.cfg, texts=False)
+
+
+def build_index(
+    model_uri: str, manifest: str, out: str, cfg: Config, *, split: str | None = None, use_ray: bool = True
+) -> dict[str, Any]:
+    """Embed the images of `manifest` (one split or all) and write the index to `out` atomically."""
+    from urbancross.data.manifest import filter_rows, read_manifest
+    from urbancross.evaluate.job import numpy_batches
+
+    table = read_manifest(manifest)
+    if split:
+        table = filter_rows(table, split=split)
+    log.info("index: embedding %d images of %s with %s", table.num_rows, manifest, model_uri)
+    if use_ray:
+        import ray
+
+        ds = ray.data.from_arrow(table).map_batches(
+            IndexEmbedder,
+            fn_constructor_kwargs={"model_uri": model_uri, "cfg": cfg, "manifest": manifest},
+            batch_size=cfg.evaluate.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.evaluate.concurrency),
+            num_cpus=cfg.evaluate.num_cpus,
+            num_gpus=cfg.evaluate.num_gpus,
+        )
+        parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    else:
+        embedder = IndexEmbedder(model_uri, cfg, manifest)
+        parts = [embedder(b) for b in numpy_batches(table, cfg.evaluate.batch_size)]
+    ids = np.concatenate([np.asarray(p["image_id"]).astype(str) for p in parts])
+    order = np.argsort(ids, kind="stable")
+    vectors = np.concatenate([np.asarray(p["image"], dtype=np.float32) for p in parts])[order]
+    domains = np.concatenate([np.asarray(p["domain"]).astype(str) for p in parts])[order]
+    write_index(ids[order], domains, vectors, out, model_uri)
+    return {"index": str(out), "images": int(len(ids)), "embed_dim": int(vectors.shape[1]), "model": model_uri}
+
+
+def write_index(ids, domains, vectors: np.ndarray, out: str, model_uri: str) -> None:
+    """One Parquet file, written beside `out` and renamed: a reader never sees half an index."""
+    dim = vectors.shape[1]
+    table = pa.table(
+        {
+            "image_id": pa.array(list(ids), pa.string()),
+            "domain": pa.array(list(domains), pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
+        }
+    ).replace_schema_metadata({MODEL_KEY: model_uri.encode()})
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_index(path: str) -> tuple[list[str], list[str], np.ndarray, str]:
+    """-> (image ids, domains, vectors [N,D], the model URI that built it)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such index (build it with `urbancross index`)")
+    table = pq.read_table(path)
+    missing = {"image_id", "domain", "vector"} - set(table.column_names)
+    if missing:
+        raise ValueError(f"{path}: not an UrbanCross index (missing columns {sorted(missing)})")
+    vectors = np.asarray(table.column("vector").combine_chunks().flatten(), dtype=np.float32)
+    vectors = vectors.reshape(table.num_rows, -1)
+    uri = (table.schema.metadata or {}).get(MODEL_KEY, b"").decode()
+    return table.column("image_id").to_pylist(), table.column("domain").to_pylist(), vectors, uri
+
+
+def top_k(vectors: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and scores of the `k` rows of `vectors` [N,D] most similar (dot) to `query` [D]."""
+    scores = vectors @ query
+    order = np.argsort(-scores, kind="stable")[: max(k, 0)]
+    return order, scores[order]
+
+
+def search(model_uri: str, index: str, query: str, top: int = 5) -> list[dict[str, Any]]:
+    """The `top` images of `index` for a text query, best first: `image_id`, `domain`, `score`."""
+    import mlflow
+    import pandas as pd
+
+    ids, domains, vectors, built_with = read_index(index)
+    qvec = np.asarray(mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"text": [query]})), dtype=np.float32)[0]
+    if qvec.shape[0] != vectors.shape[1]:
+        raise ValueError(
+            f"{index}: vectors have {vectors.shape[1]} dims but {model_uri} embeds into {qvec.shape[0]} "
+            f"(index built with {built_with or 'an unknown model'})"
+        )
+    if built_with and built_with != model_uri:
+        log.warning("search: index %s was built with %s, querying with %s", index, built_with, model_uri)
+    order, scores = top_k(vectors, qvec, top)
+    return [{"image_id": ids[i], "domain": domains[i], "score": float(s)} for i, s in zip(order, scores)]
+
+
+def format_results(results: list[dict[str, Any]]) -> str:
+    """One line per hit, as the CLI prints them."""
+    return "\n".join(f"{r['score']:.4f}  {r['domain']:<12} {r['image_id']}" for r in results)
+
+
+__all__ = ["build_index", "format_results", "read_index", "search", "top_k", "write_index"]

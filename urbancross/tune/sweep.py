@@ -1,0 +1,311 @@
+"""Ray Tune sweep: each trial is a whole Ray Train (+ DeepSpeed) run of one stage.
+
+The trial function is a Train *driver* (Ray's Tune-with-Train V2 pattern): it builds the
+stage's `TorchTrainer` and fits it. Two ways to feed Tune, chosen per sweep:
+
+- callback: one fit whose per-epoch reports reach Tune through `TuneReportCallback`
+  (ASHA with real Train workers). Resume = Train's own resume of the same run name.
+- segments (PBT): the driver fits `perturbation_interval` epochs at a time, resuming from
+  the previous segment's checkpoint, and reports each segment's checkpoint with
+  `tune.report`; PBT exploits checkpoints, and the callback forwards metrics only.
+
+Trials need real Train workers (`train.num_workers >= 1`): in a Tune trial, in-process
+Train's `ray.train.report`/`get_checkpoint` raise (Ray 2.60).
+
+MLflow: the driver opens a parent run for the sweep; each trial finds or creates its child
+run (tag `mlflow.parentRunId`) and hands its id to the Train loop, so a trial restarted by
+PBT or `Tuner.restore` keeps logging to the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from urbancross.config import Config, ConfigError, config_from_dict, save_config
+from urbancross.tune.space import Space, apply_params, load_space
+
+log = logging.getLogger("urbancross.tune")
+
+PARENT_FILE = "mlflow_parent.json"  # in the experiment folder: the sweep's parent run id
+SEGMENT_FILE = "tune_segment.json"  # in a segment checkpoint: the epoch it ends at
+BEST_FILE = "best_config.yaml"
+
+# run_train / run_adapt: (cfg, resume, *, callbacks=(), resume_from=None, stop_epoch=None) -> result dict
+Runner = Callable[..., dict]
+
+
+# --------------------------------------------------------------------------- small pure helpers
+
+
+def experiment_dir(cfg: Config) -> Path:
+    """`<storage_path>/<name>`; storage_path empty = `<out_dir>/tune`."""
+    storage = cfg.tune.storage_path or os.path.join(cfg.out_dir, "tune")
+    return Path(storage).resolve() / cfg.tune.name
+
+
+def stage_epochs(cfg: Config, stage: str) -> int:
+    return cfg.adapt.epochs if stage == "adapt" else cfg.train.epochs
+
+
+def uses_segments(cfg: Config) -> bool:
+    """PBT exploits checkpoints, which `TuneReportCallback` does not forward: run segments."""
+    return cfg.tune.scheduler == "pbt"
+
+
+def check_sweepable(cfg: Config) -> None:
+    """In-process Train (num_workers 0) cannot run in a trial: Ray Train's report and
+    get_checkpoint raise inside a Tune session, so a trial needs real Train workers."""
+    if cfg.train.num_workers < 1:
+        raise ConfigError(
+            "tune: train.num_workers must be >= 1 in a sweep (Ray Train's in-process mode does not run "
+            "inside a Tune trial); set it in the config, with --set train.num_workers=1, or in the space's params"
+        )
+
+
+def segment_ends(done: int, total: int, interval: int) -> list[int]:
+    """Epochs at which the segments after epoch `done` stop, e.g. (0, 5, 2) -> [2, 4, 5]."""
+    return list(range(done + interval, total, interval)) + [total] if done < total else []
+
+
+def trial_config(base: Mapping[str, Any], params: Mapping[str, Any], where: str) -> Config:
+    """The trial's config: the sweep's base config with the sampled params set and checked."""
+    return apply_params(config_from_dict(dict(base), where), params, where)
+
+
+def best_config(base: Config, params: Mapping[str, Any]) -> Config:
+    """The base config with the best trial's params: what `urbancross train --config` takes."""
+    return apply_params(base, params, where="best trial")
+
+
+# --------------------------------------------------------------------------- MLflow nesting
+
+
+def child_run_id(cfg: Config, parent_run_id: str, trial_id: str, trial_name: str) -> str:
+    """Find this trial's child run under the parent, or create it (logging the trial's config)."""
+    import mlflow
+
+    from urbancross.tracking import configure, mlflow_run
+
+    configure(cfg)
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    query = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`tune.trial_id` = '{trial_id}'"
+    found = client.search_runs([experiment_id], filter_string=query, max_results=1)
+    if found:
+        return found[0].info.run_id
+    tags = {"mlflow.parentRunId": parent_run_id, "tune.trial_id": trial_id}
+    with mlflow_run(cfg, trial_name, tags=tags) as run:
+        return run.info.run_id
+
+
+def _parent_run_id(cfg: Config, exp_dir: Path, space: Space) -> str:
+    """The sweep's parent run: reused from the experiment folder when the sweep resumes."""
+    from urbancross.tracking import mlflow_run
+
+    path = exp_dir / PARENT_FILE
+    if path.exists():
+        return json.loads(path.read_text())["run_id"]
+    tags = {"tune.space": space.path, "tune.stage": space.stage, "tune.scheduler": cfg.tune.scheduler}
+    with mlflow_run(cfg, f"tune-{cfg.tune.name}", tags=tags) as run:
+        run_id = run.info.run_id
+    _write_json(path, {"run_id": run_id})
+    return run_id
+
+
+# --------------------------------------------------------------------------- the trial (Train driver)
+
+
+def default_runner(stage: str) -> Runner:
+    from urbancross.train.trainer import run_adapt, run_train
+
+    return run_adapt if stage == "adapt" else run_train
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _pin_run(cfg: Config, stage: str, name: str, mlflow_run_id: str) -> None:
+    """Make the stage's `resume=True` use Train run `name` and log into the trial's MLflow run."""
+    from urbancross.train.trainer import RUN_FILE
+
+    _write_json(Path(cfg.out_dir) / stage / RUN_FILE, {"name": name, "mlflow_run_id": mlflow_run_id})
+
+
+def run_trial(params: dict, *, base: dict, stage: str, parent_run_id: str, runner: Runner | None) -> None:
+    """Tune function trainable: one Train run of `stage` with the sampled `params`.
+
+    The trial's outputs (Train storage, exported model, result.json) go to its own folder:
+    `out_dir` = the Tune trial folder. A restarted trial (Tuner.restore, a retry) resumes the
+    same Train run and MLflow run.
+    """
+    from ray import tune
+
+    run = runner or default_runner(stage)
+    ctx = tune.get_context()
+    cfg = trial_config(base, params, where=f"trial {ctx.get_trial_name()}")
+    cfg.out_dir = str(Path(ctx.get_trial_dir()).resolve())
+    run_id = child_run_id(cfg, parent_run_id, ctx.get_trial_id(), ctx.get_trial_name())
+    if not uses_segments(cfg):
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        _pin_run(cfg, stage, stage, run_id)
+        run(cfg, resume=True, callbacks=[TuneReportCallback()])
+        return
+    checkpoint = tune.get_checkpoint()  # PBT cloned a better trial, or the sweep resumed
+    resume_from = checkpoint.path if checkpoint else None
+    done = json.loads((Path(resume_from) / SEGMENT_FILE).read_text())["epoch"] if resume_from else 0
+    _pin_run(cfg, stage, f"{stage}-{uuid.uuid4().hex[:8]}" if resume_from else stage, run_id)
+    for stop in segment_ends(done, stage_epochs(cfg, stage), cfg.tune.perturbation_interval):
+        result = run(cfg, resume=True, resume_from=resume_from, stop_epoch=stop)
+        if not result.get("checkpoint_path"):
+            raise RuntimeError(f"{stage} reported no checkpoint at epoch {stop}; a segment must end with one")
+        path = Path(result["checkpoint_path"])
+        _write_json(path / SEGMENT_FILE, {"epoch": stop})
+        tune.report({**result["metrics"], "epoch": stop}, checkpoint=tune.Checkpoint.from_directory(str(path)))
+        resume_from = None  # later segments resume the same Train run from its own checkpoint
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def _scheduler(cfg: Config, space: Space):
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+
+    t = cfg.tune
+    epochs = stage_epochs(cfg, space.stage)
+    if t.scheduler == "pbt":
+        mutations = space.mutations()
+        if not mutations:
+            raise ConfigError(f"{space.path}: PBT needs at least one param it may mutate (choice/uniform/loguniform/randint)")
+        return PopulationBasedTraining(
+            time_attr="training_iteration",
+            perturbation_interval=1,  # one report = one segment of t.perturbation_interval epochs
+            hyperparam_mutations=mutations,
+            custom_explore_fn=space.clip,
+            synch=t.synch,
+        )
+    return ASHAScheduler(
+        time_attr="training_iteration", max_t=epochs, grace_period=min(t.grace_period, epochs), reduction_factor=t.reduction_factor
+    )
+
+
+def _tuner(cfg: Config, space: Space, exp_dir: Path, parent_run_id: str, runner: Runner | None):
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    t = cfg.tune
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=cfg.to_dict(), stage=space.stage, parent_run_id=parent_run_id, runner=runner),
+        {"CPU": t.cpus_per_trial, "GPU": t.gpus_per_trial},
+    )
+    if tune.Tuner.can_restore(str(exp_dir)):
+        log.info("tune: resuming the sweep at %s", exp_dir)
+        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True), True
+    tune_config = tune.TuneConfig(
+        metric=t.metric,
+        mode=t.mode,
+        scheduler=_scheduler(cfg, space),
+        search_alg=BasicVariantGenerator(random_state=cfg.seed),
+        num_samples=t.num_samples,
+        max_concurrent_trials=t.max_concurrent_trials,
+    )
+    run_config = tune.RunConfig(
+        name=exp_dir.name,
+        storage_path=str(exp_dir.parent),
+        failure_config=tune.FailureConfig(max_failures=t.max_failures),
+        # PBT may clone a checkpoint several reports old: keep them all (ASHA reports none)
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+    )
+    return tune.Tuner(trainable, param_space=space.param_space(), tune_config=tune_config, run_config=run_config), False
+
+
+def sweep_base(cfg: Config, space: Space) -> Config:
+    """The config every trial starts from: space hints applied, paths absolute, the MLflow
+    store pinned and (adapt) the stage-1 model resolved, since each trial gets its own out_dir."""
+    from urbancross.train.trainer import absolute_paths, stage1_model
+
+    cfg = absolute_paths(space.sweep_config(cfg))
+    check_sweepable(apply_params(cfg, space.fixed(), where=space.path))
+    if space.stage == "adapt":
+        cfg.adapt.checkpoint = stage1_model(cfg)
+    return cfg
+
+
+def run_tune(cfg: Config, space_path: str | os.PathLike, *, runner: Runner | None = None) -> dict:
+    """Run (or resume) the sweep of `space_path` over `cfg`; write the best trial's config.
+
+    Returns a JSON-able summary: the best config's path, metric and params, one row per
+    trial, the MLflow parent run id and the experiment folder. `runner` replaces the
+    stage's `run_train`/`run_adapt` (tests); Ray must be able to pickle it.
+    """
+    space = load_space(space_path, cfg)
+    cfg = sweep_base(cfg, space)
+    exp_dir = experiment_dir(cfg)
+    parent_run_id = _parent_run_id(cfg, exp_dir, space)
+    tuner, restored = _tuner(cfg, space, exp_dir, parent_run_id, runner)
+    log.info("tune: %s sweep of %s (stage %s) in %s", cfg.tune.scheduler, space.path, space.stage, exp_dir)
+    grid = tuner.fit()
+    trials = [_trial_row(r, cfg.tune.metric, space) for r in grid]
+    best = pick_best(trials, cfg.tune.mode)
+    if best is None:
+        errors = [r["error"] for r in trials if r["error"]]
+        raise RuntimeError(f"tune: no trial reported {cfg.tune.metric}; first error: {errors[0] if errors else 'none'}")
+    best_path = exp_dir / BEST_FILE
+    save_config(best_config(cfg, best["params"]), best_path)
+    summary = {
+        "experiment": str(exp_dir),
+        "best_config": str(best_path),
+        "best_trial": best["trial_id"],
+        "best_metric": best["metric"],
+        "best_params": best["params"],
+        "metric": cfg.tune.metric,
+        "mode": cfg.tune.mode,
+        "scheduler": cfg.tune.scheduler,
+        "stage": space.stage,
+        "trials": trials,
+        "parent_run_id": parent_run_id,
+        "restored": restored,
+    }
+    _log_summary(cfg, parent_run_id, summary, best_path)
+    return summary
+
+
+def pick_best(trials: list[dict], mode: str) -> dict | None:
+    """The trial with the best last-reported metric; None if no trial reported it."""
+    scored = [t for t in trials if t["metric"] is not None]
+    if not scored:
+        return None
+    return (max if mode == "max" else min)(scored, key=lambda t: t["metric"])
+
+
+def _log_summary(cfg: Config, parent_run_id: str, summary: dict, best_path: Path) -> None:
+    import mlflow
+
+    from urbancross.tracking import configure, log_json_artifact
+
+    configure(cfg)
+    with mlflow.start_run(run_id=parent_run_id):
+        mlflow.log_metric(f"best_{summary['metric']}", summary["best_metric"])
+        mlflow.log_artifact(str(best_path))
+        log_json_artifact(summary, "tune_summary.json")
+
+
+def _trial_row(result, metric: str, space: Space) -> dict:
+    """One trial's summary from its last report (metric None if it never reported)."""
+    last = result.metrics or {}
+    return {
+        "trial_id": last.get("trial_id") or Path(result.path).name,
+        "metric": float(last[metric]) if last.get(metric) is not None else None,
+        "params": {k: result.config[k] for k in space.params if k in result.config},
+        "iterations": last.get("training_iteration", 0),  # continues from the clone after a PBT exploit
+        "error": str(result.error) if result.error else None,
+    }
