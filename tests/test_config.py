@@ -72,5 +72,5 @@ def test_flat_and_tracking_uri(tmp_path, monkeypatch):
     cfg.mlflow.tracking_uri = "http://127.0.0.1:5000"
     assert cfg.tracking_uri() == "http://127.0.0.1:5000"
     cfg.mlflow.tracking_uri = ""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
-    assert cfg.tracking_uri() == "http://mlflow:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")  # set by mlflow itself in-process
+    assert cfg.tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"

@@ -15,14 +15,6 @@ from urbancross.evaluate.job import domain_metrics, embed_dataset, embed_table, 
 from urbancross.evaluate.report import model_label, pivot, to_markdown, write_report
 
 
-@pytest.fixture(autouse=True)
-def no_inherited_tracking_uri(monkeypatch):
-    """mlflow.set_tracking_uri exports $MLFLOW_TRACKING_URI, which Config.tracking_uri() reads:
-    without this, one test's store would leak into the next test's config."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # undone (unset) again after the test
-
-
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     """A 3-domain synthesized manifest (4 test images per domain) and two tiny random models."""

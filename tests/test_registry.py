@@ -31,14 +31,6 @@ from urbancross.registry.pyfunc import load_urbancross, log_model
 from urbancross.registry.search import build_index, read_index, search, top_k
 from urbancross.tracking import mlflow_run
 
-@pytest.fixture(autouse=True)
-def no_inherited_tracking_uri(monkeypatch):
-    """mlflow.set_tracking_uri exports $MLFLOW_TRACKING_URI, which Config.tracking_uri() reads:
-    without this, one test's store would leak into the next test's config."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # undone (unset) again after the test
-
-
 # --------------------------------------------------------------------------- decide (pure)
 
 

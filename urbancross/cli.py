@@ -114,17 +114,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _registry_call(fn, *a, **kw):
-    """Run a registry operation; a tracking server that is down is one clear line, exit 1."""
-    from urbancross.registry import RegistryError
-
-    try:
-        return fn(*a, **kw)
-    except RegistryError as e:
-        print(f"urbancross: error: {e}", file=sys.stderr)
-        return None
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from urbancross.evaluate.job import run_evaluate
     from urbancross.evaluate.report import to_markdown
@@ -138,9 +127,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_promote(args: argparse.Namespace) -> int:
     from urbancross.registry.promote import promote
 
-    result = _registry_call(promote, _config(args), args.run, args.model)
-    if result is None:
-        return 1
+    result = promote(_config(args), args.run, args.model)
     print(json.dumps(result, indent=2, sort_keys=True))
     return 0
 
@@ -151,8 +138,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     from urbancross.tracking import configure
 
     cfg = _config(args)
-    if _registry_call(check_tracking_server, configure(cfg)) is None:
-        return 1
+    check_tracking_server(configure(cfg))
     summary = build_index(args.model, args.manifest, args.out, cfg, split=args.split, use_ray=not args.no_ray)
     print(json.dumps(summary, indent=2, sort_keys=True))
     return 0
@@ -164,8 +150,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from urbancross.tracking import configure
 
     cfg = _config(args)
-    if _registry_call(check_tracking_server, configure(cfg)) is None:
-        return 1
+    check_tracking_server(configure(cfg))
     print(format_results(search(args.model, args.index, args.query, args.top)))
     return 0
 
@@ -316,6 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input or an unreachable service: one line, exit 1, no traceback."""
+    from urbancross.data.manifest import ManifestError
+    from urbancross.model.factory import CheckpointError
+    from urbancross.registry import RegistryError
+
+    return (ManifestError, CheckpointError, RegistryError, FileNotFoundError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -327,10 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("urbancross: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - any user-facing failure gets one clear line + exit 1
-        from urbancross.data.manifest import ManifestError
-
-        if isinstance(e, (ManifestError, FileNotFoundError)):
+    except Exception as e:
+        if isinstance(e, _user_errors()):
             print(f"urbancross: error: {e}", file=sys.stderr)
             return 1
         raise

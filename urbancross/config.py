@@ -283,7 +283,7 @@ class EvaluateConfig:
 
 @dataclass
 class MLflowConfig:
-    """Tracking store. Empty URI = $MLFLOW_TRACKING_URI or `sqlite:///<out_dir>/mlflow.db` (the registry needs a DB store)."""
+    """Tracking store. Empty URI = `sqlite:///<out_dir>/mlflow.db` (the registry needs a DB store)."""
 
     tracking_uri: str = ""
     experiment: str = "urbancross"
@@ -357,11 +357,13 @@ class Config:
         return flatten(self.to_dict())
 
     def tracking_uri(self) -> str:
-        """Config value, else $MLFLOW_TRACKING_URI (set by cluster runtime envs), else local SQLite."""
+        """The config's URI, else a local SQLite file under out_dir.
+
+        $MLFLOW_TRACKING_URI is deliberately not consulted: `mlflow.set_tracking_uri` sets it
+        in-process, so one run's store would silently become the next config's default.
+        """
         if self.mlflow.tracking_uri:
             return self.mlflow.tracking_uri
-        if os.environ.get("MLFLOW_TRACKING_URI"):
-            return os.environ["MLFLOW_TRACKING_URI"]
         return "sqlite:///" + str((Path(self.out_dir) / "mlflow.db").resolve())
 
 

@@ -26,6 +26,25 @@ def configure(cfg: Config) -> str:
     return uri
 
 
+def use_experiment(cfg: Config) -> None:
+    """Select the run's experiment, creating it with artifacts beside a local SQLite store.
+
+    Left to MLflow, a SQLite store puts artifacts under `./mlruns` of whatever directory the
+    process runs in (a Ray worker's, a test's), not with the database they belong to.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = configure(cfg)
+    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(cfg.mlflow.experiment) is None:
+        artifacts = Path(uri[len("sqlite:///") :]).parent / "mlartifacts"
+        try:
+            mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=artifacts.resolve().as_uri())
+        except MlflowException:
+            pass  # created concurrently by another process: use theirs
+    mlflow.set_experiment(cfg.mlflow.experiment)
+
+
 def params_of(cfg: Config) -> dict[str, str]:
     """The flattened config as MLflow params (values stringified and clipped)."""
     return {k: str(v)[:MAX_PARAM_LEN] for k, v in cfg.flat().items()}
@@ -43,8 +62,7 @@ def mlflow_run(
     """Start (or, with `run_id`, resume) a run that logs the config as params and artifact."""
     import mlflow
 
-    configure(cfg)
-    mlflow.set_experiment(cfg.mlflow.experiment)
+    use_experiment(cfg)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested, tags=dict(tags or {})) as run:
         if run_id is None:
             mlflow.log_params(params_of(cfg))

@@ -186,6 +186,7 @@ def _fit(
     """Create/resume the MLflow run, fit, and record the result (the loop exports the model)."""
     import ray
 
+    from urbancross.registry.pyfunc import log_model
     from urbancross.tracking import log_json_artifact, mlflow_run
 
     if not ray.is_initialized():
@@ -216,6 +217,7 @@ def _fit(
     }
     with mlflow_run(cfg, state["name"], run_id=state["mlflow_run_id"]):
         log_json_artifact(out, f"{stage}_result.json")
+        out["model_uri"] = log_model(out["model_path"], cfg)  # what `urbancross promote --run` registers
     _write_json(stage_dir / "model.json", model_meta)
     _write_json(stage_dir / RESULT_FILE, out)
     return out
