@@ -10,9 +10,10 @@ def write(tmp_path, text):
 
 
 def test_defaults_and_yaml_override(tmp_path):
-    cfg = load_config(write(tmp_path, "train:\n  epochs: 3\n  lr: 1\nsynth:\n  domains: [A, B]\n"))
+    cfg = load_config(write(tmp_path, "train:\n  epochs: 3\n  lr: 1\n  weight_decay: 1e-3\nsynth:\n  domains: [A, B]\n"))
     assert cfg.train.epochs == 3
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.weight_decay == 0.001  # YAML 1.1 reads 1e-3 as a string
     assert cfg.synth.domains == ["A", "B"]
     assert cfg.train.batch_size == Config().train.batch_size
 
@@ -30,6 +31,7 @@ def test_unknown_key_names_file_and_path(tmp_path):
     "text, fragment",
     [
         ("train:\n  epochs: three\n", "train.epochs: expected an integer"),
+        ("train:\n  lr: fast\n", "train.lr: expected a number"),
         ("train:\n  epochs: true\n", "train.epochs: expected an integer"),
         ("loss:\n  kind: focal\n", "loss.kind: must be one of"),
         ("train:\n  zero_stage: 4\n", "zero_stage must be 0-3"),

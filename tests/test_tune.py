@@ -353,7 +353,7 @@ def test_asha_sweep_logs_child_runs_and_writes_a_best_config_that_trains(ray_ses
 
 
 @pytest.mark.ray
-@pytest.mark.slow  # 2 trials x 2 segments of real Train + DeepSpeed: several minutes on 2 CPUs
+@pytest.mark.heavy  # 2 trials x 2 segments of real Train + DeepSpeed: 150-300 s alone on 2 CPUs; opt-in
 def test_pbt_sweep_with_real_training(ray_session, tmp_path):
     import mlflow
 

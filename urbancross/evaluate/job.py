@@ -118,19 +118,24 @@ def embed_table(model, table: pa.Table, cfg: Config) -> dict[str, np.ndarray]:
 
 def embed_dataset(weights: str, table: pa.Table, cfg: Config) -> dict[str, np.ndarray]:
     """The same embedding as `embed_table`, as Ray Data batch inference over an actor pool."""
+    parts = actor_map(table, Embedder, {"cfg": cfg, "weights": weights}, cfg)
+    return _sorted({k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]})
+
+
+def actor_map(table: pa.Table, fn_class: type, kwargs: dict[str, Any], cfg: Config) -> list[dict[str, np.ndarray]]:
+    """Batch inference: `fn_class(**kwargs)` once per actor (evaluate.concurrency/num_cpus/num_gpus)."""
     import ray
 
     ds = ray.data.from_arrow(table).map_batches(
-        Embedder,
-        fn_constructor_kwargs={"cfg": cfg, "weights": weights},
+        fn_class,
+        fn_constructor_kwargs=kwargs,
         batch_size=cfg.evaluate.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.evaluate.concurrency),
         num_cpus=cfg.evaluate.num_cpus,
         num_gpus=cfg.evaluate.num_gpus,
     )
-    parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
-    return _sorted({k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]})
+    return list(ds.iter_batches(batch_size=None, batch_format="numpy"))
 
 
 def _sorted(emb: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -50,25 +50,14 @@ def build_index(
 ) -> dict[str, Any]:
     """Embed the images of `manifest` (one split or all) and write the index to `out` atomically."""
     from urbancross.data.manifest import filter_rows, read_manifest
-    from urbancross.evaluate.job import numpy_batches
+    from urbancross.evaluate.job import actor_map, numpy_batches
 
     table = read_manifest(manifest)
     if split:
         table = filter_rows(table, split=split)
     log.info("index: embedding %d images of %s with %s", table.num_rows, manifest, model_uri)
     if use_ray:
-        import ray
-
-        ds = ray.data.from_arrow(table).map_batches(
-            IndexEmbedder,
-            fn_constructor_kwargs={"model_uri": model_uri, "cfg": cfg, "manifest": manifest},
-            batch_size=cfg.evaluate.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=cfg.evaluate.concurrency),
-            num_cpus=cfg.evaluate.num_cpus,
-            num_gpus=cfg.evaluate.num_gpus,
-        )
-        parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        parts = actor_map(table, IndexEmbedder, {"model_uri": model_uri, "cfg": cfg, "manifest": manifest}, cfg)
     else:
         embedder = IndexEmbedder(model_uri, cfg, manifest)
         parts = [embedder(b) for b in numpy_batches(table, cfg.evaluate.batch_size)]
