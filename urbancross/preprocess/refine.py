@@ -75,9 +75,9 @@ class Refiner:
         self.cfg = cfg.preprocess.refine
         if not self.cfg.model_dir or not os.path.isdir(self.cfg.model_dir):
             raise ConfigError(f"preprocess.refine.model_dir: no such folder {self.cfg.model_dir!r}")
-        self.processor = AutoProcessor.from_pretrained(self.cfg.model_dir)
+        self.processor = AutoProcessor.from_pretrained(self.cfg.model_dir, local_files_only=True)
         self.processor.tokenizer.padding_side = "left"  # decoder-only models generate after the prompt
-        self.model = AutoModelForImageTextToText.from_pretrained(self.cfg.model_dir).eval()
+        self.model = AutoModelForImageTextToText.from_pretrained(self.cfg.model_dir, local_files_only=True).eval()
         if self.cfg.num_gpus > 0 and torch.cuda.is_available():
             self.model.to("cuda")
 
