@@ -76,3 +76,15 @@ def test_flat_and_tracking_uri(tmp_path, monkeypatch):
     cfg.mlflow.tracking_uri = ""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")  # set by mlflow itself in-process
     assert cfg.tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def test_demo_config_is_valid_and_only_overrides_its_budget():
+    from urbancross.demo import DEMO_CONFIG
+
+    cfg, default = load_config(DEMO_CONFIG), Config()
+    changed = {k for k, v in cfg.flat().items() if default.flat()[k] != v}
+    assert changed == {
+        "synth.images_per_domain", "model.use_segments", "train.epochs", "train.batch_size",
+        "train.lr", "train.curriculum.rescore_every",
+    }
+    assert (cfg.model.use_segments, cfg.train.epochs, cfg.train.lr) == (False, 20, 0.001)

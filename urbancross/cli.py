@@ -34,9 +34,9 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from urbancross.demo import run_demo
+    from urbancross.demo import DEMO_CONFIG, run_demo
 
-    cfg = _config(args)
+    cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
     if args.out:
         cfg.out_dir = args.out
     run_demo(cfg)
@@ -178,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument("--out", metavar="DIR", help="output folder (default: config out_dir)")
+    p.epilog = "Without --config the demo uses urbancross/demo.yaml (the embedded default, sized for 2 CPUs)."
 
     data = sub.add_parser("data", help="Create, import and inspect manifests (Parquet dataset folders).")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")

@@ -19,6 +19,8 @@ from urbancross.config import Config, save_config
 
 log = logging.getLogger("urbancross.demo")
 
+DEMO_CONFIG = Path(__file__).with_name("demo.yaml")  # the embedded default's settings
+
 
 def _timed(name: str, fn: Callable[[], object]):
     log.info("demo: %s ...", name)
