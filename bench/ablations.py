@@ -1,9 +1,9 @@
-"""Ablations on the embedded benchmark, one run, same seed: full vs segments off vs curriculum off.
+"""Ablations on the embedded benchmark, one run, same seed: the demo vs segments on vs curriculum off.
 
     python bench/ablations.py --out runs/ablations [--set train.epochs=15 ...]
 
-Each variant is `urbancross demo` (train on the source domain, adapt to the target, evaluate
-on every domain) sharing one synthesized + preprocessed manifest. Prints, per variant, mR
+Each variant is `urbancross demo` (urbancross/demo.yaml: train on the source domain, adapt to
+the target, evaluate on every domain) sharing one synthesized + preprocessed manifest. Prints, per variant, mR
 in-domain, on the target before and after adaptation (and with SMR), and chance level.
 """
 
@@ -16,11 +16,11 @@ import math
 from pathlib import Path
 
 from urbancross.config import load_config
-from urbancross.demo import run_demo
+from urbancross.demo import DEMO_CONFIG, run_demo
 
 VARIANTS = {
-    "full": [],
-    "segments_off": ["model.use_segments=false"],
+    "demo": [],  # segments off, curriculum on (demo.yaml)
+    "segments_on": ["model.use_segments=true"],
     "curriculum_off": ["train.curriculum.enabled=false"],
 }
 
@@ -40,10 +40,10 @@ def main() -> None:
     args = ap.parse_args()
 
     out = Path(args.out).resolve()
-    base = load_config(None, args.overrides)
+    base = load_config(DEMO_CONFIG, args.overrides)
     rows = []
     for name in args.variants.split(","):
-        cfg = load_config(None, [*args.overrides, *VARIANTS[name]])
+        cfg = load_config(DEMO_CONFIG, [*args.overrides, *VARIANTS[name]])
         cfg.out_dir = str(out / name)
         # one benchmark and one preprocessing for all: later variants find every row done
         cfg.data.manifest = "" if not rows else str(out / rows[0]["variant"] / "benchmark")
