@@ -98,13 +98,6 @@ def read_split(cfg: Config, split: str, domain: str | None = None, manifest: str
     return filter_rows(table, split=split, domain=domain)
 
 
-def load_split(cfg: Config, split: str, domain: str | None = None, manifest: str | None = None):
-    """One split/domain of the manifest as a Ray Dataset of raw manifest rows."""
-    import ray.data
-
-    return ray.data.from_arrow(read_split(cfg, split, domain, manifest))
-
-
 def pick_caption(tokens, keys, epoch: int, seed: int):
     """One caption per sample for this epoch, seeded by (seed, epoch, sample key).
 
