@@ -85,6 +85,6 @@ def test_demo_config_is_valid_and_only_overrides_its_budget():
     changed = {k for k, v in cfg.flat().items() if default.flat()[k] != v}
     assert changed == {
         "synth.images_per_domain", "model.use_segments", "train.epochs", "train.batch_size",
-        "train.lr", "train.curriculum.rescore_every",
+        "train.lr", "train.curriculum.rescore_every", "adapt.epochs",
     }
-    assert (cfg.model.use_segments, cfg.train.epochs, cfg.train.lr) == (False, 20, 0.001)
+    assert (cfg.model.use_segments, cfg.train.epochs, cfg.train.lr, cfg.adapt.epochs) == (False, 40, 0.001, 8)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -184,6 +185,9 @@ def test_two_workers_zero2_survive_a_killed_worker_then_resume(ray_session, mani
     def kill_rank1_in_epoch2(rank, epoch, step):
         if rank == 1 and epoch == 1 and not os.path.exists(marker):
             open(marker, "w").close()
+            # Train V2's controller registers a reported checkpoint when it polls the workers
+            # (every 2 s): a worker dying sooner after `report` loses that checkpoint
+            time.sleep(5)
             os._exit(1)
 
     cfg = tiny_cfg(
