@@ -1,0 +1,134 @@
+"""Does weighted adversarial adaptation beat plain fine-tuning? Controls, in one run, one seed.
+
+    python bench/adapt_controls.py --out runs/adapt_controls [--sources Finland,Germany] [--set adapt.lr=2e-4 ...]
+
+Fast single-process loops (no Ray), so that several variants fit in minutes: trains one
+source model on `--sources` (plain PyTorch, the library's model and loss), then adapts a copy
+of it to `data.target_domain` with `AdaptObjective` -- the exact stage-2 module the Ray loop
+runs -- once per variant, and prints test mR per country. Large test galleries
+(`--test-fraction`) keep the noise of single runs near +-1 mR. Variants:
+control (no adversarial term, no selection), selection only, adversarial only, the full
+method at two weights, and `use_target_captions` (labelled target: an upper bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ablations import chance_mr  # bench/ is the script's folder
+from urbancross.config import load_config
+from urbancross.data.ingest import ModelInputs, pick_caption, read_split
+from urbancross.demo import DEMO_CONFIG
+from urbancross.evaluate.job import domain_metrics, embed_table, numpy_batches
+from urbancross.loss import retrieval_loss
+from urbancross.model.factory import create_model
+from urbancross.train.adversarial import AdaptObjective, adversarial_weight, selection_window
+
+VARIANTS = {
+    "control (fine-tune on source)": ["adapt.max_weight=0", "adapt.select_fraction=1.0", "adapt.curriculum=false"],
+    "selection only": ["adapt.max_weight=0"],
+    "adversarial only (w=1)": ["adapt.max_weight=1.0", "adapt.select_fraction=1.0", "adapt.curriculum=false"],
+    "full method (w=0.1)": ["adapt.max_weight=0.1"],
+    "full method (w=1)": ["adapt.max_weight=1.0"],
+    "target captions (labelled)": ["adapt.use_target_captions=true"],
+}
+
+
+def batches(cfg, table: pa.Table, epoch: int, seed: int):
+    """Shuffled, augmented batches of one caption per image (what ModelInputs gives Ray Data)."""
+    inputs = ModelInputs(cfg, train=True)
+    order = np.random.default_rng(seed + epoch).permutation(table.num_rows)
+    for rows in numpy_batches(table.take(order), cfg.train.batch_size):
+        x = inputs(rows)
+        yield {"images": torch.as_tensor(x["images"]), "tokens": pick_caption(torch.as_tensor(x["tokens"]), x["key"], epoch, cfg.seed)}
+
+
+def train_source(cfg, table: pa.Table):
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    for epoch in range(cfg.train.epochs):
+        for b in batches(cfg, table, epoch, cfg.seed):
+            loss, _ = retrieval_loss(model(b["images"], b["tokens"]), cfg.loss)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            opt.step()
+    return model
+
+
+def adapt(cfg, model, source: pa.Table, target: pa.Table):
+    """Stage 2 as `adapt_loop_per_worker` runs it: one source and one target batch per step."""
+    a = cfg.adapt
+    torch.manual_seed(cfg.seed)
+    module = AdaptObjective(copy.deepcopy(model), cfg.loss, a)
+    opt = torch.optim.AdamW([{"params": module.model.parameters(), "lr": a.lr}, {"params": module.disc.parameters(), "lr": a.disc_lr}],
+                            weight_decay=cfg.train.weight_decay)
+    steps = math.ceil(source.num_rows / cfg.train.batch_size)
+    step = 0
+    for epoch in range(a.epochs):
+        window = selection_window(epoch, a.epochs, a.select_fraction, a.slices, a.curriculum_length, a.curriculum)
+        targets = (b for k in itertools.count() for b in batches(cfg, target, 1000 * (epoch + 1) + k, cfg.seed + 1))
+        for i, src in enumerate(batches(cfg, source, epoch, cfg.seed)):
+            weight = adversarial_weight((epoch + min(i / steps, 1.0)) / a.epochs, a.schedule, a.max_weight, a.gamma)
+            phase = "grl" if a.mode == "grl" else ("disc" if step % 2 == 0 else "encoder")
+            loss, _ = module(src, next(targets), weight, window, phase)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
+            opt.step()
+            step += 1
+    return module.model
+
+
+def test_mr(cfg, model, test: pa.Table) -> dict[str, float]:
+    return {r["tested_on"]: r["mR"] for r in domain_metrics(embed_table(model.eval(), test, cfg), cfg.evaluate)}
+
+
+def main() -> None:
+    from urbancross.data.synth import synthesize
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/adapt_controls")
+    ap.add_argument("--sources", default="Finland", help="comma-separated source countries")
+    ap.add_argument("--images-per-domain", type=int, default=300)
+    ap.add_argument("--test-fraction", type=float, default=0.5)
+    ap.add_argument("--set", action="append", default=["train.epochs=40", "train.batch_size=32", "adapt.epochs=10", "adapt.lr=2e-4"],
+                    dest="overrides", metavar="KEY=VALUE", help="config overrides on urbancross/demo.yaml (after the defaults shown)")
+    args = ap.parse_args()
+
+    manifest = Path(args.out).resolve() / "benchmark"
+    base = load_config(DEMO_CONFIG, [*args.overrides, f"data.manifest={manifest}", f"synth.images_per_domain={args.images_per_domain}",
+                                     f"synth.test_fraction={args.test_fraction}"])
+    if not manifest.exists():
+        synthesize(base.synth, str(manifest))
+    source = pa.concat_tables([read_split(base, "train", d) for d in args.sources.split(",")])
+    target = read_split(base, "train", base.data.target_domain)
+    test = read_split(base, "test")
+    model = train_source(base, source)
+    rows = {"source only": test_mr(base, model, test)}
+    print(f"source only: {rows['source only']}", flush=True)
+    for name, overrides in VARIANTS.items():
+        cfg = load_config(DEMO_CONFIG, [*args.overrides, *overrides, f"data.manifest={manifest}"])
+        rows[name] = test_mr(cfg, adapt(cfg, model, source, target), test)
+        print(f"{name}: {rows[name]}", flush=True)
+    domains = sorted(rows["source only"])
+    images = test.num_rows // len(domains)
+    print(f"\nsources {args.sources} -> target {base.data.target_domain}; {images} test images per country "
+          f"(chance mR {chance_mr(images):.2f}); seed {base.seed}")
+    print("| model | " + " | ".join(domains) + " |")
+    print("|---" * (len(domains) + 1) + "|")
+    for name, mr in rows.items():
+        print(f"| {name} | " + " | ".join(f"{mr[d]:.2f}" for d in domains) + " |")
+
+
+if __name__ == "__main__":
+    main()
