@@ -407,7 +407,7 @@ def _cycle(make: Callable[[], Iterable[dict]]) -> Iterator[dict]:
 
     The target is split like the source (equal shards), so every rank starts a new pass at
     the same step; a per-rank full copy re-executed beside the source split cost 25-30 s
-    per epoch here (5-6 s split).
+    per epoch here (6-20 s split).
     """
     for _ in itertools.count():
         empty = True
