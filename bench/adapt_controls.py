@@ -30,7 +30,7 @@ from urbancross.demo import DEMO_CONFIG
 from urbancross.evaluate.job import domain_metrics, embed_table, numpy_batches
 from urbancross.loss import retrieval_loss
 from urbancross.model.factory import create_model
-from urbancross.train.adversarial import AdaptObjective, adversarial_weight, selection_window
+from urbancross.train.adversarial import AdaptObjective, adversarial_weight, selection_window, step_phase
 
 VARIANTS = {
     "control (fine-tune on source)": ["adapt.max_weight=0", "adapt.select_fraction=1.0", "adapt.curriculum=false"],
@@ -79,8 +79,7 @@ def adapt(cfg, model, source: pa.Table, target: pa.Table):
         targets = (b for k in itertools.count() for b in batches(cfg, target, 1000 * (epoch + 1) + k, cfg.seed + 1))
         for i, src in enumerate(batches(cfg, source, epoch, cfg.seed)):
             weight = adversarial_weight((epoch + min(i / steps, 1.0)) / a.epochs, a.schedule, a.max_weight, a.gamma)
-            phase = "grl" if a.mode == "grl" else ("disc" if step % 2 == 0 else "encoder")
-            loss, _ = module(src, next(targets), weight, window, phase)
+            loss, _ = module(src, next(targets), weight, window, step_phase(a.mode, step))
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)

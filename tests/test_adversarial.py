@@ -14,6 +14,7 @@ from urbancross.train.adversarial import (
     grad_reverse,
     select_and_weight,
     selection_window,
+    step_phase,
     take_rows,
     target_likeness,
 )
@@ -63,6 +64,11 @@ def test_discriminator_sized_from_embedding():
 )
 def test_adversarial_weight_schedules(schedule, p, expected):
     assert adversarial_weight(p, schedule, 0.1, gamma=10.0) == pytest.approx(expected)
+
+
+def test_step_phase_alternates_disc_then_encoder():
+    assert [step_phase("alternating", s) for s in range(4)] == ["disc", "encoder", "disc", "encoder"]
+    assert {step_phase("grl", s) for s in range(4)} == {"grl"}
 
 
 def test_selection_window_moves_through_quintiles():

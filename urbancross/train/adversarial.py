@@ -72,6 +72,13 @@ def domain_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 # --------------------------------------------------------------------------- schedules
 
 
+def step_phase(mode: str, step: int) -> str:
+    """What optimizer step `step` trains: "grl" every step, or alternating "disc" (even) / "encoder" (odd)."""
+    if mode == "grl":
+        return "grl"
+    return "disc" if step % 2 == 0 else "encoder"
+
+
 def adversarial_weight(progress: float, schedule: str, max_weight: float, gamma: float = 10.0) -> float:
     """Weight of the adversarial term at training progress p in [0, 1].
 

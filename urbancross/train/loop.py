@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from urbancross.config import Config, config_from_dict
-from urbancross.train.adversarial import AdaptObjective, adversarial_weight, selection_window
+from urbancross.train.adversarial import AdaptObjective, adversarial_weight, selection_window, step_phase
 from urbancross.train.curriculum import Curriculum, keep_mask, margin_difficulty, update_scores
 from urbancross.train.deepspeed_config import deepspeed_config, use_bf16
 from urbancross.train.objective import RetrievalObjective, restore_scalars, vectorize_scalars
@@ -449,10 +449,9 @@ def adapt_loop_per_worker(config: dict) -> dict:
             n = 0
             for i, batch in enumerate(_synced(w, _iter(source, cfg, epoch, w.rank))):
                 weight = adversarial_weight((epoch + min(i / steps_per_epoch, 1.0)) / a.epochs, a.schedule, a.max_weight, a.gamma)
-                phase = "grl" if a.mode == "grl" else ("disc" if engine.global_steps % 2 == 0 else "encoder")
                 src = _prepare(batch, w, epoch, cfg.seed)
                 tgt = _prepare(next(targets), w, epoch, cfg.seed)
-                loss, logs = engine(src, tgt, weight, window, phase)
+                loss, logs = engine(src, tgt, weight, window, step_phase(a.mode, engine.global_steps))
                 engine.backward(loss)
                 engine.step()
                 for k, v in {"loss": loss.detach(), "adv_weight": weight, **logs}.items():
