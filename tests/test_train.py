@@ -79,16 +79,17 @@ def tiny_model():
     return create_model(ModelConfig(use_segments=False))
 
 
-def _objective_grads(tiny_model, phase: str, weight: float):
+def _objective_grads(tiny_model, phase: str, weight: float, **adapt):
     model = copy.deepcopy(tiny_model)
     torch.manual_seed(0)
-    obj = AdaptObjective(model, LossConfig(), AdaptConfig(select_fraction=0.5))
+    obj = AdaptObjective(model, LossConfig(), AdaptConfig(select_fraction=0.5, **adapt))
     g = torch.Generator().manual_seed(1)
     batch = lambda: {"images": torch.randn(4, 3, 64, 64, generator=g), "tokens": torch.randint(1, 400, (4, 64), generator=g)}  # noqa: E731
     loss, logs = obj(batch(), batch(), weight, (0.0, 0.5), phase)
     loss.backward()
     enc = model.clip.visual.proj.grad.clone()
     disc = obj.disc.net[0].weight.grad
+    logs["text_grad"] = model.clip.text_projection.grad.clone()
     return enc, None if disc is None else disc.clone(), logs
 
 
@@ -109,9 +110,23 @@ def test_alternating_phases_touch_one_side_each(tiny_model):
     g_disc_phase, d_disc_phase, _ = _objective_grads(tiny_model, "disc", 0.7)
     assert torch.allclose(g_disc_phase, g_ret, atol=1e-7)  # encoders: retrieval only
     assert torch.allclose(d_disc_phase, d_grl)  # discriminator: trained on true labels
-    g_enc_phase, d_enc_phase, _ = _objective_grads(tiny_model, "encoder", 0.7)
+    g_enc_phase, d_enc_phase, enc_logs = _objective_grads(tiny_model, "encoder", 0.7)
     assert d_enc_phase is None  # frozen discriminator
     assert not torch.allclose(g_enc_phase, g_ret)
+    # same discriminator, same batches: the logged accuracy is against the true labels in both phases
+    disc_logs = _objective_grads(tiny_model, "disc", 0.7)[2]
+    assert disc_logs["disc_acc"].item() != 0.5
+    assert enc_logs["disc_acc"].item() == pytest.approx(disc_logs["disc_acc"].item(), abs=1e-6)
+
+
+def test_discriminator_on_image_embeddings_only(tiny_model):
+    """disc_inputs=image: the reversed domain gradient reaches the image tower but not the text tower."""
+    g_ret, _, ret = _objective_grads(tiny_model, "grl", 0.0, disc_inputs="image")
+    g_img, _, img = _objective_grads(tiny_model, "grl", 0.5, disc_inputs="image")
+    both = _objective_grads(tiny_model, "grl", 0.5)[2]
+    assert not torch.allclose(g_img, g_ret, atol=1e-6)
+    assert torch.allclose(img["text_grad"], ret["text_grad"], atol=1e-7)
+    assert not torch.allclose(both["text_grad"], ret["text_grad"], atol=1e-6)
 
 
 # --------------------------------------------------------------------------- in-process runs (Ray Data + DeepSpeed)

@@ -250,6 +250,7 @@ class AdaptConfig:
     disc_hidden: int = 0  # 0 = the embedding dimension
     disc_depth: int = 2
     disc_lr: float = 1e-3
+    disc_inputs: Literal["image_text", "image"] = "image_text"  # embeddings the discriminator sees
     mode: Literal["grl", "alternating"] = "grl"
     schedule: Literal["constant", "linear", "dann"] = "dann"
     gamma: float = 10.0

@@ -200,8 +200,9 @@ class AdaptObjective(nn.Module):
         if self.cfg.use_target_captions:
             ret = ret + retrieval_loss(t_out, self.loss_cfg)[0]
 
-        src = torch.cat([sel["fused"], sel["text"]])
-        tgt = torch.cat([t_out["fused"], t_out["text"]])
+        keys = ("fused", "text") if self.cfg.disc_inputs == "image_text" else ("fused",)
+        src = torch.cat([sel[k] for k in keys])
+        tgt = torch.cat([t_out[k] for k in keys])
         feats = torch.cat([src, tgt])
         labels = torch.cat([torch.zeros(len(src)), torch.ones(len(tgt))]).to(feats.device, feats.dtype)
         if phase == "grl":
@@ -213,7 +214,8 @@ class AdaptObjective(nn.Module):
         elif phase == "encoder":
             frozen = {n: p.detach() for n, p in self.disc.named_parameters()}
             logits = torch.func.functional_call(self.disc, frozen, (feats,))
-            d_loss, acc = domain_loss(logits, 1.0 - labels)
+            d_loss, fooled = domain_loss(logits, 1.0 - labels)
+            acc = 1.0 - fooled  # logged against the true labels, like the other phases
             total = ret + adv_weight * d_loss
         else:
             raise ValueError(f"unknown adversarial phase {phase!r}")
