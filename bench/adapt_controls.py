@@ -8,7 +8,9 @@ of it to `data.target_domain` with `AdaptObjective` -- the exact stage-2 module 
 runs -- once per variant, and prints test mR per country. Large test galleries
 (`--test-fraction`) keep the noise of single runs near +-1 mR. Variants:
 control (no adversarial term, no selection), selection only, adversarial only, the full
-method at two weights, and `use_target_captions` (labelled target: an upper bound).
+method at two weights, a strong adversarial term on image embeddings alone, and
+`use_target_captions` (labelled target: an upper bound). The last column, the discriminator's
+accuracy (0.5 = the encoders fool it), tells a weak adversary from a useless alignment.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ VARIANTS = {
     "adversarial only (w=1)": ["adapt.max_weight=1.0", "adapt.select_fraction=1.0", "adapt.curriculum=false"],
     "full method (w=0.1)": ["adapt.max_weight=0.1"],
     "full method (w=1)": ["adapt.max_weight=1.0"],
+    "adversarial on image embeddings (w=10)": ["adapt.max_weight=10", "adapt.disc_inputs=image", "adapt.disc_lr=2e-4",
+                                               "adapt.select_fraction=1.0", "adapt.curriculum=false"],
     "target captions (labelled)": ["adapt.use_target_captions=true"],
 }
 
@@ -66,7 +70,10 @@ def train_source(cfg, table: pa.Table):
 
 
 def adapt(cfg, model, source: pa.Table, target: pa.Table):
-    """Stage 2 as `adapt_loop_per_worker` runs it: one source and one target batch per step."""
+    """Stage 2 as `adapt_loop_per_worker` runs it: one source and one target batch per step.
+
+    Returns the adapted model and the discriminator's mean accuracy over the last pass.
+    """
     a = cfg.adapt
     torch.manual_seed(cfg.seed)
     module = AdaptObjective(copy.deepcopy(model), cfg.loss, a)
@@ -75,58 +82,74 @@ def adapt(cfg, model, source: pa.Table, target: pa.Table):
     steps = math.ceil(source.num_rows / cfg.train.batch_size)
     step = 0
     for epoch in range(a.epochs):
+        accuracy = []
         window = selection_window(epoch, a.epochs, a.select_fraction, a.slices, a.curriculum_length, a.curriculum)
         targets = (b for k in itertools.count() for b in batches(cfg, target, 1000 * (epoch + 1) + k, cfg.seed + 1))
         for i, src in enumerate(batches(cfg, source, epoch, cfg.seed)):
             weight = adversarial_weight((epoch + min(i / steps, 1.0)) / a.epochs, a.schedule, a.max_weight, a.gamma)
-            loss, _ = module(src, next(targets), weight, window, step_phase(a.mode, step))
+            loss, logs = module(src, next(targets), weight, window, step_phase(a.mode, step))
+            accuracy.append(float(logs["disc_acc"]))
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
             opt.step()
             step += 1
-    return module.model
+    return module.model, float(np.mean(accuracy))
 
 
 def test_mr(cfg, model, test: pa.Table) -> dict[str, float]:
     return {r["tested_on"]: r["mR"] for r in domain_metrics(embed_table(model.eval(), test, cfg), cfg.evaluate)}
 
 
-def main() -> None:
-    from urbancross.data.synth import synthesize
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/adapt_controls")
+def arguments(doc: str, out: str) -> argparse.ArgumentParser:
+    """The options this script shares with bench/domain_gap.py: the benchmark and the source model."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=out)
     ap.add_argument("--sources", default="Finland", help="comma-separated source countries")
     ap.add_argument("--images-per-domain", type=int, default=300)
     ap.add_argument("--test-fraction", type=float, default=0.5)
     ap.add_argument("--set", action="append", default=["train.epochs=40", "train.batch_size=32", "adapt.epochs=10", "adapt.lr=2e-4"],
                     dest="overrides", metavar="KEY=VALUE", help="config overrides on urbancross/demo.yaml (after the defaults shown)")
-    args = ap.parse_args()
+    return ap
+
+
+def benchmark(args):
+    """The config of `arguments`, its benchmark synthesized under `--out` unless already there."""
+    from urbancross.data.synth import synthesize
 
     manifest = Path(args.out).resolve() / "benchmark"
-    base = load_config(DEMO_CONFIG, [*args.overrides, f"data.manifest={manifest}", f"synth.images_per_domain={args.images_per_domain}",
-                                     f"synth.test_fraction={args.test_fraction}"])
+    cfg = load_config(DEMO_CONFIG, [*args.overrides, f"data.manifest={manifest}", f"synth.images_per_domain={args.images_per_domain}",
+                                    f"synth.test_fraction={args.test_fraction}"])
     if not manifest.exists():
-        synthesize(base.synth, str(manifest))
+        synthesize(cfg.synth, str(manifest))
+    return cfg
+
+
+def main() -> None:
+    args = arguments(__doc__, "runs/adapt_controls").parse_args()
+
+    base = benchmark(args)
+    manifest = base.data.manifest
     source = pa.concat_tables([read_split(base, "train", d) for d in args.sources.split(",")])
     target = read_split(base, "train", base.data.target_domain)
     test = read_split(base, "test")
     model = train_source(base, source)
     rows = {"source only": test_mr(base, model, test)}
+    accuracy = {"source only": "-"}
     print(f"source only: {rows['source only']}", flush=True)
     for name, overrides in VARIANTS.items():
         cfg = load_config(DEMO_CONFIG, [*args.overrides, *overrides, f"data.manifest={manifest}"])
-        rows[name] = test_mr(cfg, adapt(cfg, model, source, target), test)
-        print(f"{name}: {rows[name]}", flush=True)
+        adapted, acc = adapt(cfg, model, source, target)
+        rows[name], accuracy[name] = test_mr(cfg, adapted, test), f"{acc:.2f}"
+        print(f"{name}: {rows[name]}, discriminator accuracy {acc:.2f}", flush=True)
     domains = sorted(rows["source only"])
     images = test.num_rows // len(domains)
     print(f"\nsources {args.sources} -> target {base.data.target_domain}; {images} test images per country "
           f"(chance mR {chance_mr(images):.2f}); seed {base.seed}")
-    print("| model | " + " | ".join(domains) + " |")
-    print("|---" * (len(domains) + 1) + "|")
+    print("| model | " + " | ".join(domains) + " | discriminator accuracy, last pass |")
+    print("|---" * (len(domains) + 2) + "|")
     for name, mr in rows.items():
-        print(f"| {name} | " + " | ".join(f"{mr[d]:.2f}" for d in domains) + " |")
+        print(f"| {name} | " + " | ".join(f"{mr[d]:.2f}" for d in domains) + f" | {accuracy[name]} |")
 
 
 if __name__ == "__main__":
