@@ -44,7 +44,6 @@ def run_demo(cfg: Config) -> list[dict]:
     from urbancross.data.manifest import read_manifest, summary_json
     from urbancross.data.synth import synthesize
     from urbancross.evaluate.job import run_evaluate
-    from urbancross.evaluate.report import to_markdown
     from urbancross.preprocess import run_preprocess
     from urbancross.train import run_adapt, run_train
 
@@ -70,7 +69,6 @@ def run_demo(cfg: Config) -> list[dict]:
     _timed(f"adapt {cfg.data.source_domain} -> {cfg.data.target_domain}", lambda: _train_stage(cfg, "adapt", run_adapt))
 
     cfg.evaluate.output = str(out)
-    records = _timed("evaluate on every domain", lambda: run_evaluate(cfg))
-    print(to_markdown(records), flush=True)
+    records = _timed("evaluate on every domain", lambda: run_evaluate(cfg))  # logs the table
     log.info("demo: finished in %.0fs; table in %s, MLflow store %s", time.perf_counter() - t0, out / "cross_domain.json", cfg.tracking_uri())
     return records
