@@ -7,15 +7,14 @@ of the target country (its mix of land uses, layouts and sizes) four times: rend
 target's look or in the first source's, and captioned with the target's words (roof colours,
 place names) or the source's. The mR of the four galleries splits the cross-domain loss into
 appearance, vocabulary and content (what remains with the source's look and words).
-Unsupervised adaptation can only close the appearance part: the meaning of words that
-never occur in source captions is not learnable from target images.
+Adapting from target images can close at most the appearance part: the meaning of words
+that never occur in source captions is not in them.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
 import pyarrow as pa
 
 from ablations import chance_mr  # bench/ is the script's folder
