@@ -24,13 +24,13 @@ from urbancross.data.ingest import read_split
 from urbancross.data.manifest import encode_png, to_table
 
 
-def restyled_gallery(cfg, target: str, look: str, words: str, images: int) -> pa.Table:
-    """`images` new scenes of `target`, drawn in the style of `look` and captioned in that of `words`.
+def restyled_gallery(cfg, scenes: list, look: str, words: str) -> pa.Table:
+    """`scenes` drawn in the style of country `look` and captioned in that of `words`.
 
-    The same scenes and caption templates for every (look, words): only the style differs.
+    Caption rngs are seeded per scene, so every (look, words) gets the same templates: only
+    the style differs.
     """
-    rng = synth.domain_rng(cfg.synth.seed, target, 2)  # streams 0 and 1 make the benchmark itself
-    scenes = [synth.make_scene(rng, synth.STYLES[target]) for _ in range(images)]
+    target = scenes[0].domain
     rows = []
     for i, scene in enumerate(scenes):
         captions = synth.describe(replace(scene, domain=words), synth.domain_rng(cfg.synth.seed, target, 3 + i),
@@ -43,15 +43,18 @@ def restyled_gallery(cfg, target: str, look: str, words: str, images: int) -> pa
 def main() -> None:
     args = arguments(__doc__, "runs/domain_gap").parse_args()
     cfg = benchmark(args)
-    sources = args.sources.split(",")
-    target, images = cfg.data.target_domain, read_split(cfg, "test", sources[0]).num_rows
+    sources, target = args.sources.split(","), cfg.data.target_domain
     model = train_source(cfg, pa.concat_tables([read_split(cfg, "train", d) for d in sources]))
-    in_domain = test_mr(cfg, model, read_split(cfg, "test"))
+    test = read_split(cfg, "test")
+    in_domain = test_mr(cfg, model, test)
+    images = test.num_rows // len(in_domain)  # the gallery is as large as one country's test split
+    rng = synth.domain_rng(cfg.synth.seed, target, 2)  # streams 0 and 1 make the benchmark itself
+    scenes = [synth.make_scene(rng, synth.STYLES[target]) for _ in range(images)]
     print(f"\nsources {args.sources} -> target {target}; {images} images per gallery (chance mR {chance_mr(images):.2f}); seed {cfg.seed}")
     print("benchmark test split: " + ", ".join(f"{d} {mr:.2f}" for d, mr in sorted(in_domain.items())))
     print(f"| {target} scenes | {target} words | {sources[0]} words |\n|---|---|---|")
     for look in (target, sources[0]):
-        mr = [test_mr(cfg, model, restyled_gallery(cfg, target, look, words, images))[target] for words in (target, sources[0])]
+        mr = [test_mr(cfg, model, restyled_gallery(cfg, scenes, look, words))[target] for words in (target, sources[0])]
         print(f"| {look} look | {mr[0]:.2f} | {mr[1]:.2f} |", flush=True)
 
 
