@@ -41,7 +41,8 @@ def local_cluster():
     """
     gcs, dash, agent, agent_grpc, metrics, runtime_env = (free_port() for _ in range(6))
     temp = tempfile.mkdtemp(prefix="ucj", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # PATH as in an activated venv: the job's `python` is this venv's python
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
@@ -91,9 +92,13 @@ def test_submit_tiny_training_job(local_cluster, tmp_path):
         "train": {"epochs": 1, "batch_size": 8, "num_workers": 1, "curriculum": {"enabled": False}},
         "mlflow": {"tracking_uri": tracking, "experiment": "job-submit"},
     }))
-    # The project's own runtime_env example, pointed at this test's MLflow store.
+    # The project's own runtime_env example, pointed at this test's MLflow store, less its pip
+    # list: with Ray itself in a virtualenv (this venv), a pip runtime_env clones that whole
+    # venv (6.7 GB) into the session dir first. Everything on the list is installed here, and
+    # tests/test_cluster_configs.py checks the list against pyproject.toml.
     runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
     runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] = tracking
+    assert runtime_env.pop("pip")
     env_file = tmp_path / "runtime_env.yaml"
     env_file.write_text(yaml.safe_dump(runtime_env))
 

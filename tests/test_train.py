@@ -145,6 +145,10 @@ def test_train_in_process_curriculum_checkpoint_export_mlflow(trained):
     assert m["curriculum_fraction"] == pytest.approx(0.75)
     assert 0.0 <= m["val_mR"] <= 100.0
     assert os.path.isdir(os.path.join(result["checkpoint_path"], "ds"))
+    # in-process: the run keeps its checkpoint in its own out_dir, the last epoch's only
+    checkpoints = os.path.join(cfg.out_dir, "train", "checkpoints")
+    assert result["checkpoint_path"] == os.path.join(checkpoints, "epoch_000002")
+    assert os.listdir(checkpoints) == ["epoch_000002"]
     model = create_model(cfg.model, pretrained=result["model_path"])
     fresh = create_model(cfg.model)
     assert model.clip.logit_scale.shape == () and not torch.equal(model.clip.visual.proj, fresh.clip.visual.proj)

@@ -18,7 +18,8 @@ scores travel in the checkpoint, so a resumed run sees the same curriculum.
 
 Loop config keys (built by `urbancross.train.trainer`): `cfg` (Config as dict, absolute
 paths), `run_id` (MLflow run or None), `model_path` (where rank 0 exports the weights),
-`init_model` (weights to start from), `local` (in-process run), `scores` (cold-start
+`init_model` (weights to start from), `local_checkpoints` (set only in-process: the folder that
+keeps the run's checkpoints, as there is no Train storage to upload to), `scores` (cold-start
 difficulty: {"keys", "values"}), `steps_per_epoch` (adapt: for the schedule's progress),
 `resume_from` (checkpoint folder used when the run has none), `stop_epoch` (end early),
 `on_step` (optional callable(rank=, epoch=, step=), a fault-injection hook for tests).
@@ -59,14 +60,15 @@ CURRICULUM_FILE = "curriculum.npz"
 class Worker:
     """This process's place in the run: rank, world, device, precision."""
 
-    def __init__(self, cfg: Config, local: bool):
+    def __init__(self, cfg: Config, local_checkpoints: str | None):
         import ray.train
 
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.local_rank = ctx.get_local_rank()
         self.name = ctx.get_experiment_name()
-        self.local = local
+        self.local_checkpoints = local_checkpoints
+        self.local = local_checkpoints is not None
         if cfg.train.use_gpu:
             import ray.train.torch
 
@@ -227,18 +229,29 @@ def restore(engine, resume_from: str | None = None) -> tuple[dict, dict | None]:
 
 
 def save_and_report(engine, w: Worker, metrics: dict, client: dict, curriculum: dict | None = None) -> None:
-    """Every rank saves its DeepSpeed shard into one staging dir and reports it."""
+    """Every rank saves its DeepSpeed shard into one staging dir and reports it.
+
+    Ray Train workers stage in the temp dir and Train uploads (then deletes) the folder. An
+    in-process run has nothing to upload to: its folder under `local_checkpoints` is the only
+    copy, so each epoch gets a new one and the older ones go only after it is reported.
+    """
     import ray.train
     from ray.train import Checkpoint
 
-    staging = os.path.join(tempfile.gettempdir(), "urbancross-ckpt", w.name, f"rank{w.rank}")
+    if w.local:
+        staging = os.path.join(w.local_checkpoints, f"epoch_{int(metrics['epoch']):06d}")
+    else:
+        staging = os.path.join(tempfile.gettempdir(), "urbancross-ckpt", w.name, f"rank{w.rank}")
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     engine.save_checkpoint(staging, tag=TAG, client_state=client)
     if curriculum is not None and w.rank == 0:
         np.savez(os.path.join(staging, CURRICULUM_FILE), **curriculum)
-    # in-process runs keep the staging folder: it is the run's only copy of the checkpoint
     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(staging), delete_local_checkpoint_after_upload=not w.local)
+    if w.local:
+        for old in os.listdir(w.local_checkpoints):
+            if old != os.path.basename(staging):
+                shutil.rmtree(os.path.join(w.local_checkpoints, old), ignore_errors=True)
 
 
 def export_model(engine, model: nn.Module, scalars: list[str], path: str, w: Worker) -> None:
@@ -326,7 +339,7 @@ def train_loop_per_worker(config: dict) -> dict:
     from urbancross.model.factory import create_model
 
     cfg = config_from_dict(config["cfg"], where="<train loop>")
-    w = Worker(cfg, config.get("local", False))
+    w = Worker(cfg, config.get("local_checkpoints"))
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, pretrained=config.get("init_model") or None)
     scalars = vectorize_scalars(model)
@@ -426,7 +439,7 @@ def adapt_loop_per_worker(config: dict) -> dict:
 
     cfg = config_from_dict(config["cfg"], where="<adapt loop>")
     a = cfg.adapt
-    w = Worker(cfg, config.get("local", False))
+    w = Worker(cfg, config.get("local_checkpoints"))
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, pretrained=config.get("init_model") or None)
     scalars = vectorize_scalars(model)

@@ -210,7 +210,7 @@ def _fit(
         "cfg": cfg.to_dict(),
         "run_id": state["mlflow_run_id"],
         "model_path": str(stage_dir / MODEL_FILE),
-        "local": cfg.train.num_workers == 0,
+        "local_checkpoints": str(stage_dir / "checkpoints") if cfg.train.num_workers == 0 else None,
         "on_step": options.get("on_step"),
         "resume_from": options.get("resume_from"),
         "stop_epoch": options.get("stop_epoch"),
