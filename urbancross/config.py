@@ -217,7 +217,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     zero_stage: int = 0
-    num_workers: int = 2  # 0 = run the loop in the driver process
+    num_workers: int = 2  # 0 = run the loop in the driver process (last checkpoint: <out_dir>/<stage>/checkpoints)
     use_gpu: bool = False
     cpus_per_worker: float = 0.5
     max_failures: int = 1
