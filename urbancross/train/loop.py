@@ -68,7 +68,6 @@ class Worker:
         self.local_rank = ctx.get_local_rank()
         self.name = ctx.get_experiment_name()
         self.local_checkpoints = local_checkpoints
-        self.local = local_checkpoints is not None
         if cfg.train.use_gpu:
             import ray.train.torch
 
@@ -238,7 +237,8 @@ def save_and_report(engine, w: Worker, metrics: dict, client: dict, curriculum: 
     import ray.train
     from ray.train import Checkpoint
 
-    if w.local:
+    local = w.local_checkpoints is not None
+    if local:
         staging = os.path.join(w.local_checkpoints, f"epoch_{int(metrics['epoch']):06d}")
     else:
         staging = os.path.join(tempfile.gettempdir(), "urbancross-ckpt", w.name, f"rank{w.rank}")
@@ -247,8 +247,8 @@ def save_and_report(engine, w: Worker, metrics: dict, client: dict, curriculum: 
     engine.save_checkpoint(staging, tag=TAG, client_state=client)
     if curriculum is not None and w.rank == 0:
         np.savez(os.path.join(staging, CURRICULUM_FILE), **curriculum)
-    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(staging), delete_local_checkpoint_after_upload=not w.local)
-    if w.local:
+    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(staging), delete_local_checkpoint_after_upload=not local)
+    if local:
         for old in os.listdir(w.local_checkpoints):
             if old != os.path.basename(staging):
                 shutil.rmtree(os.path.join(w.local_checkpoints, old), ignore_errors=True)
