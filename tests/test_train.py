@@ -189,6 +189,33 @@ def test_resume_without_a_run_is_a_clear_error(tmp_path, manifest):
         run_state(tiny_cfg(manifest, tmp_path), "train", resume=True)
 
 
+@pytest.mark.ray
+def test_in_process_resume_starts_from_the_local_checkpoint(ray_session, manifest, tmp_path):
+    """Stopped after epoch 1, `--resume` continues at that step in the same MLflow run."""
+    import mlflow
+
+    from urbancross.train import run_train
+
+    cfg = tiny_cfg(manifest, tmp_path)
+    first = run_train(cfg, stop_epoch=1)
+    assert first["metrics"]["epoch"] == 1
+    second = run_train(cfg, resume=True)
+    m = second["metrics"]
+    assert (m["start_epoch"], m["start_step"], m["epoch"]) == (1, first["metrics"]["step"], 2)
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]
+    history = mlflow.MlflowClient(cfg.tracking_uri()).get_metric_history(second["mlflow_run_id"], "loss")
+    assert [h.step for h in history] == [1, 2]
+
+
+def test_latest_local_checkpoint_skips_unfinished_saves(tmp_path):
+    from urbancross.train.trainer import latest_local_checkpoint
+
+    assert latest_local_checkpoint(None) is None and latest_local_checkpoint(tmp_path) is None
+    for name in ("epoch_000002", "epoch_000010", ".epoch_000011.partial"):
+        (tmp_path / name).mkdir()
+    assert latest_local_checkpoint(tmp_path) == str(tmp_path / "epoch_000010")
+
+
 # --------------------------------------------------------------------------- real Ray Train runs
 
 

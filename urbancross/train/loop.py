@@ -227,31 +227,39 @@ def restore(engine, resume_from: str | None = None) -> tuple[dict, dict | None]:
     return dict(client or {}), cur
 
 
+def _save(engine, folder: str, w: Worker, client: dict, curriculum: dict | None) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    engine.save_checkpoint(folder, tag=TAG, client_state=client)
+    if curriculum is not None and w.rank == 0:
+        np.savez(os.path.join(folder, CURRICULUM_FILE), **curriculum)
+
+
 def save_and_report(engine, w: Worker, metrics: dict, client: dict, curriculum: dict | None = None) -> None:
     """Every rank saves its DeepSpeed shard into one staging dir and reports it.
 
     Ray Train workers stage in the temp dir and Train uploads (then deletes) the folder. An
-    in-process run has nothing to upload to: its folder under `local_checkpoints` is the only
-    copy, so each epoch gets a new one and the older ones go only after it is reported.
+    in-process run has nothing to upload to: its `local_checkpoints/epoch_N` folder is the
+    only copy, so it is written under a hidden name and renamed when complete, and the older
+    epochs go only after that.
     """
     import ray.train
     from ray.train import Checkpoint
 
-    local = w.local_checkpoints is not None
-    if local:
-        staging = os.path.join(w.local_checkpoints, f"epoch_{int(metrics['epoch']):06d}")
-    else:
+    if w.local_checkpoints is None:
         staging = os.path.join(tempfile.gettempdir(), "urbancross-ckpt", w.name, f"rank{w.rank}")
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    engine.save_checkpoint(staging, tag=TAG, client_state=client)
-    if curriculum is not None and w.rank == 0:
-        np.savez(os.path.join(staging, CURRICULUM_FILE), **curriculum)
-    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(staging), delete_local_checkpoint_after_upload=not local)
-    if local:
-        for old in os.listdir(w.local_checkpoints):
-            if old != os.path.basename(staging):
-                shutil.rmtree(os.path.join(w.local_checkpoints, old), ignore_errors=True)
+        _save(engine, staging, w, client, curriculum)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(staging), delete_local_checkpoint_after_upload=True)
+        return
+    name = f"epoch_{int(metrics['epoch']):06d}"
+    partial, final = (os.path.join(w.local_checkpoints, n) for n in (f".{name}.partial", name))
+    _save(engine, partial, w, client, curriculum)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(final), delete_local_checkpoint_after_upload=False)
+    for old in os.listdir(w.local_checkpoints):
+        if old != name:
+            shutil.rmtree(os.path.join(w.local_checkpoints, old), ignore_errors=True)
 
 
 def export_model(engine, model: nn.Module, scalars: list[str], path: str, w: Worker) -> None:

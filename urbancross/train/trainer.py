@@ -7,6 +7,8 @@ Resume (Train V2 has no `resume_from_checkpoint`): every fresh run gets a new na
 `<stage>-<time>` under `<out_dir>/ray_results`, recorded in `<out_dir>/<stage>/run.json`;
 `resume=True` re-runs with that same `RunConfig(name, storage_path)`, so the loop finds the
 latest checkpoint through `ray.train.get_checkpoint()` and logs into the same MLflow run.
+In-process runs (`train.num_workers: 0`) have no Train storage: they keep their latest
+checkpoint in `<out_dir>/<stage>/checkpoints/`, and a resume starts from it.
 Outputs: `<out_dir>/<stage>/model.pt` (plain state dict for `create_model(pretrained=...)`)
 and `<out_dir>/<stage>/result.json`.
 """
@@ -36,6 +38,7 @@ RUN_FILE = "run.json"
 OPTIONS = {"callbacks", "resume_from", "stop_epoch", "on_step"}
 RESULT_FILE = "result.json"
 MODEL_FILE = "model.pt"
+CHECKPOINTS = "checkpoints"  # in-process runs only
 
 
 # --------------------------------------------------------------------------- paths + run state
@@ -61,6 +64,12 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
+
+
+def latest_local_checkpoint(folder: Path | None) -> str | None:
+    """The newest `epoch_*` checkpoint an in-process run left in `folder`, if any."""
+    epochs = sorted(folder.glob("epoch_*")) if folder is not None else []
+    return str(epochs[-1]) if epochs else None
 
 
 def run_state(cfg: Config, stage: str, resume: bool) -> dict:
@@ -201,7 +210,11 @@ def _fit(
     if not ray.is_initialized():
         ray.init()
     stage_dir = Path(cfg.out_dir) / stage
-    if not state.get("mlflow_run_id"):
+    local_checkpoints = stage_dir / CHECKPOINTS if cfg.train.num_workers == 0 else None
+    resume_from = options.get("resume_from")
+    if state.get("mlflow_run_id"):  # a resumed run: its own checkpoint first, as in the loop's `restore`
+        resume_from = latest_local_checkpoint(local_checkpoints) or resume_from
+    else:
         with mlflow_run(cfg, state["name"], tags={"stage": stage}) as run:
             state["mlflow_run_id"] = run.info.run_id
     _write_json(stage_dir / RUN_FILE, state)
@@ -210,9 +223,9 @@ def _fit(
         "cfg": cfg.to_dict(),
         "run_id": state["mlflow_run_id"],
         "model_path": str(stage_dir / MODEL_FILE),
-        "local_checkpoints": str(stage_dir / "checkpoints") if cfg.train.num_workers == 0 else None,
+        "local_checkpoints": str(local_checkpoints) if local_checkpoints else None,
         "on_step": options.get("on_step"),
-        "resume_from": options.get("resume_from"),
+        "resume_from": resume_from,
         "stop_epoch": options.get("stop_epoch"),
     }
     result = _trainer(cfg, loop, loop_config, state["name"], datasets, split, options.get("callbacks") or ()).fit()
