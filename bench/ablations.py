@@ -10,7 +10,6 @@ in-domain, on the target before and after adaptation (and with SMR), and chance 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 from pathlib import Path
@@ -43,12 +42,13 @@ def main() -> None:
     base = load_config(DEMO_CONFIG, args.overrides)
     rows = []
     for name in args.variants.split(","):
-        cfg = load_config(DEMO_CONFIG, [*args.overrides, *VARIANTS[name]])
-        cfg.out_dir = str(out / name)
         # one benchmark and one preprocessing for all: later variants find every row done
-        cfg.data.manifest = "" if not rows else str(out / rows[0]["variant"] / "benchmark")
-        cfg.preprocess.output = str(out / "preprocessed")
-        records = run_demo(copy.deepcopy(cfg))
+        cfg = load_config(DEMO_CONFIG, [*args.overrides, *VARIANTS[name]]).override({
+            "out_dir": str(out / name),
+            "data.manifest": "" if not rows else str(out / rows[0]["variant"] / "benchmark"),
+            "preprocess.output": str(out / "preprocessed"),
+        }, where=name)
+        records = run_demo(cfg)
         by = {(r["model"], r["tested_on"]): r for r in records}
         src, tgt = base.data.source_domain, base.data.target_domain
         rows.append({

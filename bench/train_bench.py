@@ -62,8 +62,7 @@ def _column(values: list):
 def ray_train(cfg, workers: int, out_dir: str) -> tuple[float, float]:
     from urbancross.train import run_train
 
-    cfg.train.num_workers = workers
-    cfg.out_dir = os.path.join(out_dir, f"workers{workers}")
+    cfg = cfg.override({"train.num_workers": workers, "out_dir": os.path.join(out_dir, f"workers{workers}")})
     t0 = time.perf_counter()
     result = run_train(cfg)
     wall = time.perf_counter() - t0

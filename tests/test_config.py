@@ -14,7 +14,7 @@ def test_defaults_and_yaml_override(tmp_path):
     assert cfg.train.epochs == 3
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
     assert cfg.train.weight_decay == 0.001  # YAML 1.1 reads 1e-3 as a string
-    assert cfg.synth.domains == ["A", "B"]
+    assert cfg.synth.domains == ("A", "B")  # lists are stored as tuples: a config is a frozen value
     assert cfg.train.batch_size == Config().train.batch_size
 
 
@@ -71,9 +71,7 @@ def test_flat_and_tracking_uri(tmp_path, monkeypatch):
     flat = cfg.flat()
     assert flat["train.curriculum.pacing"] == cfg.train.curriculum.pacing
     assert cfg.tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
-    cfg.mlflow.tracking_uri = "http://127.0.0.1:5000"
-    assert cfg.tracking_uri() == "http://127.0.0.1:5000"
-    cfg.mlflow.tracking_uri = ""
+    assert cfg.override({"mlflow.tracking_uri": "http://127.0.0.1:5000"}).tracking_uri() == "http://127.0.0.1:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")  # set by mlflow itself in-process
     assert cfg.tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
 
@@ -88,3 +86,146 @@ def test_demo_config_is_valid_and_only_overrides_its_budget():
         "train.lr", "train.curriculum.rescore_every", "adapt.epochs",
     }
     assert (cfg.model.use_segments, cfg.train.epochs, cfg.train.lr, cfg.adapt.epochs) == (False, 40, 0.001, 8)
+
+
+# --------------------------------------------------------------------------- a config is a value
+
+
+def test_config_is_frozen_and_override_derives_a_validated_copy():
+    import dataclasses
+
+    cfg = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.epochs = 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.out_dir = "elsewhere"
+    assert isinstance(cfg.synth.domains, tuple) and isinstance(cfg.evaluate.ks, tuple)  # nothing inside changes
+    new = cfg.override({"train.epochs": 3, "data.manifest": "/m"})
+    assert (new.train.epochs, new.data.manifest) == (3, "/m")
+    assert (cfg.train.epochs, cfg.data.manifest) == (Config().train.epochs, "")  # the original is unchanged
+    assert cfg.override(["train.epochs=3", "data.manifest=/m"]) == new  # the --set form
+    assert cfg.override({"model": new.override({"model.use_segments": False}).model}).model.use_segments is False
+
+
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [
+        ({"synth.images_per_domain": 1}, "flag: synth: images_per_domain must be >= 2, got 1"),
+        ({"train.epochs": "3"}, "flag: train.epochs: expected an integer, got '3'"),
+        ({"train.epoch": 3}, "flag: unknown key train.epoch; train accepts:"),
+        ({"loss.kind": "focal"}, "flag: loss.kind: must be one of"),
+        ({"train.epochs.x": 3}, "flag: train.epochs.x: epochs is not a section"),
+        (["train.epochs"], "expected KEY=VALUE"),
+    ],
+)
+def test_override_validates_like_a_file(changes, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        Config().override(changes, where="flag")
+
+
+def test_cli_flags_are_validated(tmp_path, capsys):
+    from urbancross.cli import main
+
+    assert main(["data", "synth", "--out", str(tmp_path / "m"), "--images-per-domain", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "images_per_domain must be >= 2, got 1" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m").exists()
+
+
+# --------------------------------------------------------------------------- hostile and careless files
+
+
+def test_yaml_aliases_are_refused_fast(tmp_path):
+    """A 'billion laughs' file: nine nested aliases expand 386 bytes into 9**9 strings."""
+    import time
+
+    lines = ["train:", "  epochs:", '    - &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"    - &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    p = write(tmp_path, "\n".join(lines) + "\n")
+    assert p.stat().st_size < 500
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="aliases .* are not allowed") as e:
+        load_config(p)
+    assert time.perf_counter() - t0 < 5 and str(p) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="aliases"):
+        load_config(None, ["synth.domains=[&a x, *a]"])
+
+
+def test_non_utf8_file_is_one_line_naming_the_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_bytes("train:\n  epochs: 3 # réglé\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value).startswith(f"{p}: not UTF-8") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.lr=-1", "train: lr must be > 0, got -1.0"),
+        ("train.lr=.nan", "train: lr must be > 0, got nan"),
+        ("adapt.lr=.inf", "adapt: lr must be > 0, got inf"),
+        ("train.cpus_per_worker=-1", "train: cpus_per_worker must be >= 0, got -1.0"),
+        ("data.num_segments=-1", "data: num_segments must be >= 0, got -1"),
+        ("preprocess.sam.num_segments=0", "preprocess.sam: num_segments must be >= 1, got 0"),
+        ("promote.margin=.inf", "promote: margin must be >= 0, got inf"),
+        ("evaluate.ks=[1, -5]", "evaluate: ks must be >= 1, got (1, -5)"),
+        ("seed=-1", "seed must be >= 0, got -1"),
+        ("train.lr=1e999", "train: lr must be > 0, got inf"),
+        ("train.epochs=" + "9" * 5000, "not valid YAML"),
+    ],
+)
+def test_numeric_ranges_and_non_finite_values(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_every_numeric_field_declares_its_range():
+    import dataclasses
+    import typing
+
+    def walk(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                yield from walk(tp, f"{prefix}{f.name}.")
+            elif tp in (int, float) or typing.get_args(tp)[:1] in ((int,), (float,)):
+                yield f"{prefix}{f.name}", f.metadata.get("range")
+
+    numeric = dict(walk(Config))
+    assert len(numeric) > 80
+    assert [name for name, bounds in numeric.items() if bounds is None] == []
+
+
+def test_a_huge_bad_value_is_not_echoed(tmp_path):
+    p = write(tmp_path, "train:\n  epochs: " + "x" * 1_000_000 + "\n" + "y" * 1_000_000 + "z: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert len(str(e.value)) < 400, str(e.value)[:400]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["tune.name=" + "/" * 1_000_000])
+    assert len(str(e.value)) < 400
+
+
+# --------------------------------------------------------------------------- the config a run saves
+
+
+def test_demo_saves_the_config_it_runs_with(tmp_path, monkeypatch):
+    """What the demo saves names the preprocessed manifest and absolute paths, so a later
+    command (evaluate, promote) takes it unchanged, from any working directory."""
+    from urbancross.demo import DEMO_CONFIG, demo_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = demo_config(load_config(DEMO_CONFIG, ["out_dir=demo_out"]))
+    out = tmp_path / "demo_out"
+    assert cfg.out_dir == str(out)
+    assert (cfg.preprocess.input, cfg.preprocess.output) == (str(out / "benchmark"), str(out / "preprocessed"))
+    assert cfg.data.manifest == str(out / "preprocessed") and cfg.evaluate.output == str(out)
+    save_config(cfg, out / "config.yaml")
+    monkeypatch.chdir("/")
+    again = load_config(out / "config.yaml")
+    assert again == cfg and demo_config(again) == cfg  # a re-run of the demo on it plans the same run
+    own = demo_config(load_config(DEMO_CONFIG, [f"out_dir={out}", "data.manifest=/data/m"]))
+    assert (own.preprocess.input, own.data.manifest) == ("/data/m", str(out / "preprocessed"))

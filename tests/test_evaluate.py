@@ -78,7 +78,7 @@ def test_domain_metrics_hand_worked():
     assert a["mR"] == pytest.approx(75.0)
     assert "smr" not in a
     assert (b["tested_on"], b["i2t_r1"], b["t2i_r1"]) == ("B", 100.0, 100.0)
-    cfg.evaluate.smr.enabled = True
+    cfg = cfg.override({"evaluate.smr.enabled": True})
     with_smr = domain_metrics(hand_embeddings(), cfg.evaluate)[0]
     assert set(with_smr["smr"]) == {"i2t_r1", "t2i_r1", "mR"}
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from urbancross.cli import main
 from urbancross.config import config_from_dict
-from urbancross.registry import RegistryError, check_tracking_server
+from urbancross.tracking import RegistryError, check_tracking_server
 from urbancross.registry.promote import decide, promote
 from urbancross.registry.pyfunc import load_urbancross, log_model
 from urbancross.registry.search import build_index, read_index, search, top_k

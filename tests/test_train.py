@@ -248,7 +248,7 @@ def test_two_workers_zero2_survive_a_killed_worker_then_resume(ray_session, mani
     assert os.path.exists(marker)
     m = first["metrics"]
     assert m["epoch"] == 2 and m["start_epoch"] == 1 and m["start_step"] >= 1  # restarted from the checkpoint
-    cfg.train.epochs = 3
+    cfg = cfg.override({"train.epochs": 3})
     second = run_train(cfg, resume=True)
     assert second["run_name"] == first["run_name"]
     assert second["metrics"]["start_step"] == m["step"] and second["metrics"]["start_epoch"] == 2

@@ -80,8 +80,7 @@ def test_space_hints_fill_only_default_sweep_settings(tmp_path):
         {"tune": {"scheduler": "pbt", "num_samples": 6}, "params": {"train.lr": {"loguniform": [1.0e-4, 1.0e-2]}}},
     )
     space = load_space(path)
-    cfg = Config()
-    cfg.tune.num_samples = 2  # set by the user's config: the space's hint must not override it
+    cfg = Config().override({"tune.num_samples": 2})  # set by the user's config: the space's hint must not override it
     swept = space.sweep_config(cfg)
     assert (swept.tune.scheduler, swept.tune.num_samples) == ("pbt", 2)
 
@@ -174,12 +173,12 @@ def test_trial_and_best_config_round_trip(tmp_path):
 def test_experiment_dir_and_mode(tmp_path):
     cfg = Config(out_dir=str(tmp_path))
     assert experiment_dir(cfg) == (tmp_path / "tune" / "sweep").resolve()
-    cfg.tune.storage_path, cfg.tune.name = str(tmp_path / "s"), "n"
+    cfg = cfg.override({"tune.storage_path": str(tmp_path / "s"), "tune.name": "n"})
     assert experiment_dir(cfg) == (tmp_path / "s" / "n").resolve()
     assert not uses_segments(cfg)  # ASHA: one fit, metrics through TuneReportCallback
-    cfg.tune.scheduler = "pbt"
+    cfg = cfg.override({"tune.scheduler": "pbt"})
     assert uses_segments(cfg)  # PBT exploits checkpoints: the driver reports them per segment
-    cfg.train.num_workers = 0
+    cfg = cfg.override({"train.num_workers": 0})
     with pytest.raises(ConfigError, match="train.num_workers must be >= 1 in a sweep"):
         check_sweepable(cfg)
 
@@ -233,12 +232,12 @@ def scripted_runner(fail_pacing: str | None):
 
 
 def scripted_config(tmp_path: Path) -> Config:
-    cfg = Config(out_dir=str(tmp_path / "run"))
-    cfg.mlflow.tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"  # mlflow.set_tracking_uri leaks via the env
-    cfg.data.manifest = str(tmp_path / "bench")  # not read by the scripted runner
-    cfg.train.num_workers, cfg.train.epochs = 1, 2
-    cfg.tune.num_samples, cfg.tune.max_concurrent_trials, cfg.tune.cpus_per_trial = 1, 2, 0.25
-    return cfg
+    return Config(out_dir=str(tmp_path / "run")).override({
+        "mlflow.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",  # mlflow.set_tracking_uri leaks via the env
+        "data.manifest": str(tmp_path / "bench"),  # not read by the scripted runner
+        "train.num_workers": 1, "train.epochs": 2,
+        "tune.num_samples": 1, "tune.max_concurrent_trials": 2, "tune.cpus_per_trial": 0.25,
+    })
 
 
 @pytest.mark.ray
@@ -279,8 +278,7 @@ def test_pbt_runs_segments_and_clones_checkpoints(ray_session, tmp_path):
             },
         },
     )
-    cfg = scripted_config(tmp_path)
-    cfg.train.epochs, cfg.tune.synch = 3, True
+    cfg = scripted_config(tmp_path).override({"train.epochs": 3, "tune.synch": True})
     summary = run_tune(cfg, space, runner=scripted_runner(fail_pacing=None))
     assert summary["scheduler"] == "pbt"
     # After epoch 1 (linear 11 < geometric 31) the linear trial clones the geometric one's
@@ -301,14 +299,14 @@ def tiny_config(tmp_path: Path) -> Config:
 
     synth = SynthConfig(domains=["Finland", "Spain"], images_per_domain=8, test_fraction=0.25)
     synthesize(synth, str(tmp_path / "bench"))
-    cfg = Config(out_dir=str(tmp_path / "run"), synth=synth)
-    cfg.mlflow.tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"  # mlflow.set_tracking_uri leaks via the env
-    cfg.data.manifest = str(tmp_path / "bench")
-    cfg.model.use_segments = False
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.num_workers = 2, 4, 1
-    cfg.train.val_images, cfg.train.ingest_cpus = 2, 0.25
-    cfg.tune.num_samples, cfg.tune.max_concurrent_trials, cfg.tune.cpus_per_trial = 1, 1, 0.25
-    return cfg
+    return Config(out_dir=str(tmp_path / "run"), synth=synth).override({
+        "mlflow.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",  # mlflow.set_tracking_uri leaks via the env
+        "data.manifest": str(tmp_path / "bench"),
+        "model.use_segments": False,
+        "train.epochs": 2, "train.batch_size": 4, "train.num_workers": 1,
+        "train.val_images": 2, "train.ingest_cpus": 0.25,
+        "tune.num_samples": 1, "tune.max_concurrent_trials": 1, "tune.cpus_per_trial": 0.25,
+    })
 
 
 @pytest.mark.ray
@@ -365,8 +363,7 @@ def test_pbt_sweep_with_real_training(ray_session, tmp_path):
             "params": {"train.curriculum.start_fraction": {"uniform": [0.3, 0.6]}, "train.lr": {"loguniform": [1.0e-4, 1.0e-3]}},
         },
     )
-    cfg = tiny_config(tmp_path)
-    cfg.tune.num_samples = 2
+    cfg = tiny_config(tmp_path).override({"tune.num_samples": 2})
     summary = run_tune(cfg, space)
     assert [t["error"] for t in summary["trials"]] == [None, None]
     assert [t["iterations"] for t in summary["trials"]] == [2, 2]  # one report per 1-epoch segment

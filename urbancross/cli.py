@@ -1,17 +1,19 @@
 """`urbancross` command line: one subcommand per pipeline stage.
 
 Handlers import their stage lazily, so `urbancross --help` stays fast and a stage's
-heavy dependencies (Ray, DeepSpeed, MLflow) load only when that stage runs.
+heavy dependencies (Ray, DeepSpeed, MLflow, torch, open_clip) load only when that stage runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import Callable
 
 from urbancross.config import Config, ConfigError, load_config
+from urbancross.tracking import RegistryError, check_tracking_server, configure
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -37,9 +39,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from urbancross.demo import DEMO_CONFIG, run_demo
 
     cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
-    if args.out:
-        cfg.out_dir = args.out
-    run_demo(cfg)
+    run_demo(cfg.override({"out_dir": args.out}, where="--out") if args.out else cfg)
     return 0
 
 
@@ -47,13 +47,9 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     from urbancross.data.manifest import summary_json
     from urbancross.data.synth import synthesize
 
-    cfg = _config(args)
-    for name in ("images_per_domain", "image_size", "seed"):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(cfg.synth, name, value)
-    if args.domains:
-        cfg.synth.domains = args.domains.split(",")
+    flags = {f"synth.{name}": getattr(args, name) for name in ("images_per_domain", "image_size", "seed")}
+    flags["synth.domains"] = args.domains.split(",") if args.domains else None
+    cfg = _config(args).override({k: v for k, v in flags.items() if v is not None}, where="command line")
     table = synthesize(cfg.synth, args.out)
     print(summary_json(table))
     return 0
@@ -82,24 +78,17 @@ def cmd_data_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    import logging
-
     from urbancross.preprocess import run_preprocess
 
-    cfg = _config(args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    summary = run_preprocess(cfg)
+    summary = run_preprocess(_config(args))
     print(json.dumps(summary, indent=2, sort_keys=True))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """`train` and `adapt`: one Ray Train + DeepSpeed stage; prints the result dict."""
-    import logging
-
     from urbancross.train import run_adapt, run_train
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     run = run_adapt if args.command == "adapt" else run_train
     result = run(_config(args), resume=args.resume)
     print(json.dumps(result, indent=2, sort_keys=True, default=str))
@@ -133,9 +122,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from urbancross.registry import check_tracking_server
     from urbancross.registry.search import build_index
-    from urbancross.tracking import configure
 
     cfg = _config(args)
     check_tracking_server(configure(cfg))
@@ -145,9 +132,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from urbancross.registry import check_tracking_server
     from urbancross.registry.search import format_results, search
-    from urbancross.tracking import configure
 
     cfg = _config(args)
     check_tracking_server(configure(cfg))
@@ -306,7 +291,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input or an unreachable service: one line, exit 1, no traceback."""
     from urbancross.data.manifest import ManifestError
     from urbancross.model.factory import CheckpointError
-    from urbancross.registry import RegistryError
 
     return (ManifestError, CheckpointError, RegistryError, FileNotFoundError)
 
@@ -314,6 +298,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         return args.handler(args)
     except ConfigError as e:

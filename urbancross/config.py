@@ -1,60 +1,87 @@
-"""Typed run configuration: dataclasses loaded from YAML and validated once, here.
+"""Typed run configuration: frozen dataclasses loaded from YAML and validated once, here.
 
-Every default lives in exactly one place: the field defaults below. A YAML file only
-overrides what it names; an unknown key, a wrong type or a bad value raises
-`ConfigError` naming the file and the dotted path of the field.
+Every default lives in exactly one place: the field defaults below, and every numeric field
+declares its range there (`num(...)`); no field takes NaN or infinity. A YAML file only
+overrides what it names; an unknown key, a wrong type or a bad value raises `ConfigError`
+naming the file and the dotted path of the field.
+
+A `Config` is a value: it cannot be changed in place. `cfg.override({"data.manifest": p})`
+(or `cfg.override(["train.epochs=3"])`, the `--set` form) derives a new one and validates it
+exactly as a file is validated; it is the only way a changed config is made.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping, Sequence
 
 import yaml
+
+from urbancross import atomic
 
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or invalid."""
 
 
+def num(default: int | float, *, ge: float | None = None, gt: float | None = None,
+        le: float | None = None, lt: float | None = None) -> Any:
+    """A numeric field (or list of numbers) with its allowed range; checked on every load."""
+    return field(default=default, metadata={"range": (ge, gt, le, lt)})
+
+
+def nums(default: Sequence[int | float], **bounds: float) -> Any:
+    """A tuple-of-numbers field; each item must lie in the range of `num`."""
+    return field(default=tuple(default), metadata={"range": tuple(bounds.get(k) for k in ("ge", "gt", "le", "lt"))})
+
+
+@dataclass(frozen=True)
+class Section:
+    """Base of every config section: frozen, lists stored as tuples (so nothing inside changes)."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                object.__setattr__(self, f.name, tuple(value))
+
+    def validate(self) -> None:
+        """Checks across fields (single-field ranges are declared with `num`)."""
+
+
 # --------------------------------------------------------------------------- sections
 
 
-@dataclass
-class SynthConfig:
+@dataclass(frozen=True)
+class SynthConfig(Section):
     """The embedded benchmark (procedural satellite-like tiles with captions)."""
 
-    domains: list[str] = field(default_factory=lambda: ["Finland", "Germany", "Spain"])
-    images_per_domain: int = 120
-    image_size: int = 64
-    captions_per_image: int = 5
-    test_fraction: float = 0.25
-    val_fraction: float = 0.0
-    near_duplicate_fraction: float = 0.5  # chance an image is a one-element variant of the previous one
-    seed: int = 0
+    domains: tuple[str, ...] = ("Finland", "Germany", "Spain")
+    images_per_domain: int = num(120, ge=2)
+    image_size: int = num(64, ge=32, le=4096)
+    captions_per_image: int = num(5, ge=1, le=10)
+    test_fraction: float = num(0.25, ge=0, lt=1)
+    val_fraction: float = num(0.0, ge=0, lt=1)
+    near_duplicate_fraction: float = num(0.5, ge=0, le=1)  # chance an image is a one-element variant of the previous one
+    seed: int = num(0, ge=0)
 
     def validate(self) -> None:
         require(len(self.domains) >= 1, "domains must name at least one domain")
-        require(self.images_per_domain >= 2, f"images_per_domain must be >= 2, got {self.images_per_domain}")
-        require(self.image_size >= 32, f"image_size must be >= 32 pixels, got {self.image_size}")
-        require(1 <= self.captions_per_image <= 10, f"captions_per_image must be 1-10, got {self.captions_per_image}")
         require(
-            0 <= self.test_fraction < 1 and 0 <= self.val_fraction < 1 and self.test_fraction + self.val_fraction < 1,
+            self.test_fraction + self.val_fraction < 1,
             f"test_fraction + val_fraction must be in [0, 1), got {self.test_fraction} + {self.val_fraction}",
         )
-        require(
-            0 <= self.near_duplicate_fraction <= 1,
-            f"near_duplicate_fraction must be in [0, 1], got {self.near_duplicate_fraction}",
-        )
 
 
-@dataclass
-class DataConfig:
+@dataclass(frozen=True)
+class DataConfig(Section):
     """Where the manifest is and which part of it a stage uses."""
 
     manifest: str = ""  # Parquet dataset folder or URI; empty = the demo's synthesized one
@@ -64,39 +91,37 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
-    image_size: int = 64
-    num_segments: int = 10
+    image_size: int = num(64, ge=1)
+    num_segments: int = num(10, ge=0)
     use_refined_captions: bool = True
     augment: bool = True
 
 
-@dataclass
-class SamConfig:
+@dataclass(frozen=True)
+class SamConfig(Section):
     """SAM segmentation stage (Ray Data actor pool)."""
 
     model_type: Literal["vit_b", "vit_l", "vit_h", "tiny"] = "tiny"
     checkpoint: str = ""  # local .pth; empty with `tiny` = build a random tiny SAM under out_dir
-    points_per_side: int = 4  # 16 prompts: fast for the tiny demo SAM; real SAM models use 32
-    pred_iou_thresh: float = 0.5
-    stability_score_thresh: float = 0.6
-    min_mask_region_area: int = 0
-    keep_largest: int = 50  # masks sorted by area, this many kept before CLIP scoring
-    num_segments: int = 10
+    points_per_side: int = num(4, ge=1)  # 16 prompts: enough for the tiny demo SAM; real SAM models use 32
+    pred_iou_thresh: float = num(0.5, ge=0, le=1)
+    stability_score_thresh: float = num(0.6, ge=0, le=1)
+    min_mask_region_area: int = num(0, ge=0)
+    keep_largest: int = num(50, ge=1)  # masks sorted by area, this many kept before CLIP scoring
+    num_segments: int = num(10, ge=1)
     style: Literal["white", "crop"] = "white"
-    segment_size: int = 64
-    num_gpus: float = 0.0
-    num_cpus: float = 0.5
-    concurrency: int = 1
-    batch_size: int = 8
+    segment_size: int = num(64, ge=1)
+    num_gpus: float = num(0.0, ge=0)
+    num_cpus: float = num(0.5, ge=0)
+    concurrency: int = num(1, ge=1)
+    batch_size: int = num(8, ge=1)
 
     def validate(self) -> None:
-        require(self.num_segments >= 1, f"num_segments must be >= 1, got {self.num_segments}")
         require(self.keep_largest >= self.num_segments, "keep_largest must be >= num_segments")
-        require(self.concurrency >= 1 and self.batch_size >= 1, "concurrency and batch_size must be >= 1")
 
 
-@dataclass
-class RefineConfig:
+@dataclass(frozen=True)
+class RefineConfig(Section):
     """LMM caption refinement stage; `passthrough` keeps the captions as they are."""
 
     kind: Literal["passthrough", "lmm"] = "passthrough"
@@ -105,185 +130,154 @@ class RefineConfig:
         "Write a comprehensive and detailed description of the satellite image and its "
         "geographical tags: {geo_tags}. Caption: {caption}"
     )
-    max_new_tokens: int = 48
-    min_chars: int = 8
-    max_chars: int = 600
-    max_repeat_fraction: float = 0.5
-    num_gpus: float = 0.0
-    num_cpus: float = 0.5
-    concurrency: int = 1
-    batch_size: int = 4
+    max_new_tokens: int = num(48, ge=1)
+    min_chars: int = num(8, ge=0)
+    max_chars: int = num(600, ge=1)
+    max_repeat_fraction: float = num(0.5, ge=0, le=1)
+    num_gpus: float = num(0.0, ge=0)
+    num_cpus: float = num(0.5, ge=0)
+    concurrency: int = num(1, ge=1)
+    batch_size: int = num(4, ge=1)
+
+    def validate(self) -> None:
+        require(self.min_chars <= self.max_chars, f"min_chars must be <= max_chars, got {self.min_chars} > {self.max_chars}")
 
 
-@dataclass
-class PreprocessConfig:
+@dataclass(frozen=True)
+class PreprocessConfig(Section):
     """Ray Data preprocessing: manifest in -> SAM segments + refined captions -> manifest out."""
 
     input: str = ""  # empty = data.manifest
     output: str = ""  # empty = <out_dir>/preprocessed; rejected rows go to <output>_rejects.parquet
-    image_modes: list[str] = field(default_factory=lambda: ["RGB", "RGBA", "L", "P"])  # PIL modes accepted
-    min_image_side: int = 16  # pixels; smaller images are rejected
-    max_image_side: int = 8192  # pixels; larger images are rejected
+    image_modes: tuple[str, ...] = ("RGB", "RGBA", "L", "P")  # PIL modes accepted
+    min_image_side: int = num(16, ge=1)  # pixels; smaller images are rejected
+    max_image_side: int = num(8192, ge=1)  # pixels; larger images are rejected
     sam: SamConfig = field(default_factory=SamConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
 
     def validate(self) -> None:
         require(len(self.image_modes) >= 1, "image_modes must name at least one PIL mode")
-        require(1 <= self.min_image_side <= self.max_image_side, "need 1 <= min_image_side <= max_image_side")
+        require(self.min_image_side <= self.max_image_side, "need 1 <= min_image_side <= max_image_side")
 
 
-@dataclass
-class ModelConfig:
+@dataclass(frozen=True)
+class ModelConfig(Section):
     """Two-tower CLIP (open_clip) with segment fusion; CMPAGL's global-local block as an option."""
 
     preset: str = "tiny"  # tiny | ViT-B-32 | ViT-B-32-quickgelu | ViT-L-14 | ...
     pretrained: str = ""  # local checkpoint file; never a download tag
     use_segments: bool = True
-    fusion_heads: int = 4
+    fusion_heads: int = num(4, ge=1)
     global_local: bool = False  # CMPAGL global-local visual block
-    window_sizes: list[int] = field(default_factory=lambda: [2, 4])
-    global_local_heads: int = 4
+    window_sizes: tuple[int, ...] = nums((2, 4), ge=1)
+    global_local_heads: int = num(4, ge=1)
     pre_align: bool = False  # CMPAGL pre-alignment loss on unimodal features
-    aug_crop_scale: float = 0.8  # train crops keep at least this share of the tile's area
-    aug_color_jitter: float = 0.2  # brightness/contrast/saturation jitter strength (0 = off)
+    aug_crop_scale: float = num(0.8, gt=0, le=1)  # train crops keep at least this share of the tile's area
+    aug_color_jitter: float = num(0.2, ge=0, lt=1)  # brightness/contrast/saturation jitter strength (0 = off)
 
     def validate(self) -> None:
-        require(self.fusion_heads >= 1 and self.global_local_heads >= 1, "fusion_heads and global_local_heads must be >= 1")
-        require(bool(self.window_sizes) and all(w >= 1 for w in self.window_sizes), "window_sizes must be positive")
-        require(0.0 < self.aug_crop_scale <= 1.0, f"aug_crop_scale must be in (0, 1], got {self.aug_crop_scale}")
-        require(0.0 <= self.aug_color_jitter < 1.0, f"aug_color_jitter must be in [0, 1), got {self.aug_color_jitter}")
+        require(bool(self.window_sizes), "window_sizes must name at least one window size")
 
 
-@dataclass
-class LossConfig:
+@dataclass(frozen=True)
+class LossConfig(Section):
     """Retrieval losses; the total is a weighted sum (weights here)."""
 
     kind: Literal["infonce", "vse", "triplet"] = "infonce"
-    margin: float = 0.2
-    image_text_weight: float = 1.0
-    segment_text_weight: float = 0.5
-    image_segment_weight: float = 0.25
-    intra_class_weight: float = 0.1  # used by kind=triplet (CMPAGL)
-    pre_align_weight: float = 0.1  # used when model.pre_align is on
-
-    def validate(self) -> None:
-        require(self.margin >= 0.0, f"margin must be >= 0, got {self.margin}")
-        weights = (self.image_text_weight, self.segment_text_weight, self.image_segment_weight,
-                   self.intra_class_weight, self.pre_align_weight)
-        require(all(w >= 0.0 for w in weights), "loss weights must be >= 0")
+    margin: float = num(0.2, ge=0)
+    image_text_weight: float = num(1.0, ge=0)
+    segment_text_weight: float = num(0.5, ge=0)
+    image_segment_weight: float = num(0.25, ge=0)
+    intra_class_weight: float = num(0.1, ge=0)  # used by kind=triplet (CMPAGL)
+    pre_align_weight: float = num(0.1, ge=0)  # used when model.pre_align is on
 
 
-@dataclass
-class SMRConfig:
+@dataclass(frozen=True)
+class SMRConfig(Section):
     """Similarity-matrix re-weighting (re-ranking) at retrieval time."""
 
     enabled: bool = True
-    k: int = 10  # each query's top-k candidates are re-weighted; the rest keep their similarity
-    score_weight: float = 1.0  # column-normalised score term (GaLR's Wp1)
-    rank_weight: float = 1.0  # exp(-decay * rank) term, forward and reverse direction
-    decay: float = 0.05
-
-    def validate(self) -> None:
-        require(self.k >= 1, f"k must be >= 1, got {self.k}")
-        require(self.score_weight >= 0.0 and self.rank_weight >= 0.0 and self.decay >= 0.0,
-                "score_weight, rank_weight and decay must be >= 0")
+    k: int = num(10, ge=1)  # each query's top-k candidates are re-weighted; the rest keep their similarity
+    score_weight: float = num(1.0, ge=0)  # column-normalised score term (GaLR's Wp1)
+    rank_weight: float = num(1.0, ge=0)  # exp(-decay * rank) term, forward and reverse direction
+    decay: float = num(0.05, ge=0)
 
 
-@dataclass
-class CurriculumConfig:
+@dataclass(frozen=True)
+class CurriculumConfig(Section):
     """Adaptive curriculum sampling: difficulty score + pacing (easy -> hard)."""
 
     enabled: bool = True
     difficulty: Literal["similarity_margin", "caption_complexity"] = "similarity_margin"
     pacing: Literal["linear", "root", "geometric"] = "root"
-    start_fraction: float = 0.3
-    length: float = 0.6  # share of the epochs after which all data is used
-    rescore_every: int = 1  # epochs between difficulty re-scoring
-
-    def validate(self) -> None:
-        require(0.0 < self.start_fraction <= 1.0, f"start_fraction must be in (0, 1], got {self.start_fraction}")
-        require(0.0 < self.length <= 1.0, f"length must be in (0, 1], got {self.length}")
-        require(self.rescore_every >= 1, f"rescore_every must be >= 1, got {self.rescore_every}")
+    start_fraction: float = num(0.3, gt=0, le=1)
+    length: float = num(0.6, gt=0, le=1)  # share of the epochs after which all data is used
+    rescore_every: int = num(1, ge=1)  # epochs between difficulty re-scoring
 
 
-@dataclass
-class TrainConfig:
+@dataclass(frozen=True)
+class TrainConfig(Section):
     """Ray Train + DeepSpeed training (stage 1)."""
 
-    epochs: int = 6
-    batch_size: int = 32  # per worker micro-batch
-    grad_accum: int = 1
-    lr: float = 5e-4
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
-    zero_stage: int = 0
-    num_workers: int = 2  # 0 = run the loop in the driver process (last checkpoint: <out_dir>/<stage>/checkpoints)
+    epochs: int = num(6, ge=1)
+    batch_size: int = num(32, ge=1)  # per worker micro-batch
+    grad_accum: int = num(1, ge=1)
+    lr: float = num(5e-4, gt=0)
+    weight_decay: float = num(0.05, ge=0)
+    grad_clip: float = num(1.0, ge=0)
+    zero_stage: int = num(0, ge=0, le=3)
+    num_workers: int = num(2, ge=0)  # 0 = run the loop in the driver process (last checkpoint: <out_dir>/<stage>/checkpoints)
     use_gpu: bool = False
-    cpus_per_worker: float = 0.5
-    max_failures: int = 1
+    cpus_per_worker: float = num(0.5, ge=0)
+    max_failures: int = num(1, ge=0)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
     domain: str = ""  # training domain; empty = data.source_domain, "all" = every domain
-    val_images: int = 64  # validation slice (val split, else held out of the train split)
-    ingest_actors: int = 0  # 0 = Ray Data tasks (workers reused across epochs); N = a pool of N decoding actors
-    ingest_cpus: float = 0.5  # CPUs per decoding actor
+    val_images: int = num(64, ge=0)  # validation slice (val split, else held out of the train split)
+    ingest_actors: int = num(0, ge=0)  # 0 = Ray Data tasks (workers reused across epochs); N = a pool of N decoding actors
+    ingest_cpus: float = num(0.5, ge=0)  # CPUs per decoding actor
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
-    def validate(self) -> None:
-        require(self.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0-3, got {self.zero_stage}")
-        require(self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1")
-        require(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
-        require(self.num_workers >= 0 and self.max_failures >= 0, "num_workers and max_failures must be >= 0")
-        require(self.val_images >= 0 and self.ingest_actors >= 0, "val_images and ingest_actors must be >= 0")
 
-
-@dataclass
-class AdaptConfig:
+@dataclass(frozen=True)
+class AdaptConfig(Section):
     """Weighted adversarial fine-tuning from a trained checkpoint (stage 2)."""
 
     checkpoint: str = ""  # stage-1 model: a model.pt or a folder holding one; empty = <out_dir>/train
-    epochs: int = 4
-    lr: float = 1e-4
-    select_fraction: float = 0.5  # share of each source batch selected (most target-like first)
+    epochs: int = num(4, ge=1)
+    lr: float = num(1e-4, gt=0)
+    select_fraction: float = num(0.5, gt=0, le=1)  # share of each source batch selected (most target-like first)
     curriculum: bool = True  # move the selection window from easiest to harder slices over the passes
-    slices: int = 5  # positions of the window (5 = quintiles when select_fraction = 0.2)
-    curriculum_length: float = 1.0  # share of the passes after which the hardest slice is reached
-    disc_hidden: int = 0  # 0 = the embedding dimension
-    disc_depth: int = 2
-    disc_lr: float = 1e-3
+    slices: int = num(5, ge=1)  # positions of the window (5 = quintiles when select_fraction = 0.2)
+    curriculum_length: float = num(1.0, gt=0, le=1)  # share of the passes after which the hardest slice is reached
+    disc_hidden: int = num(0, ge=0)  # 0 = the embedding dimension
+    disc_depth: int = num(2, ge=1)
+    disc_lr: float = num(1e-3, gt=0)
     disc_inputs: Literal["image_text", "image"] = "image_text"  # embeddings the discriminator sees
     mode: Literal["grl", "alternating"] = "grl"
     schedule: Literal["constant", "linear", "dann"] = "dann"
-    gamma: float = 10.0
-    max_weight: float = 0.1
+    gamma: float = num(10.0, gt=0)
+    max_weight: float = num(0.1, ge=0)
     use_target_captions: bool = False  # also train retrieval on target pairs (off: captions only weight)
 
-    def validate(self) -> None:
-        require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-        require(0.0 < self.select_fraction <= 1.0, f"select_fraction must be in (0, 1], got {self.select_fraction}")
-        require(self.slices >= 1 and self.disc_depth >= 1, "slices and disc_depth must be >= 1")
-        require(0.0 < self.curriculum_length <= 1.0, f"curriculum_length must be in (0, 1], got {self.curriculum_length}")
-        require(self.gamma > 0 and self.max_weight >= 0, "gamma must be > 0 and max_weight >= 0")
 
-
-@dataclass
-class EvaluateConfig:
+@dataclass(frozen=True)
+class EvaluateConfig(Section):
     """Retrieval evaluation: which splits/domains, and SMR re-ranking."""
 
-    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
-    batch_size: int = 64
+    ks: tuple[int, ...] = nums((1, 5, 10), ge=1)
+    batch_size: int = num(64, ge=1)
     smr: SMRConfig = field(default_factory=SMRConfig)
-    num_cpus: float = 0.5  # per embedding actor (Ray Data actor pool)
-    num_gpus: float = 0.0
-    concurrency: int = 1  # embedding actors
+    num_cpus: float = num(0.5, ge=0)  # per embedding actor (Ray Data actor pool)
+    num_gpus: float = num(0.0, ge=0)
+    concurrency: int = num(1, ge=1)  # embedding actors
     output: str = ""  # report folder; empty = <out_dir>/evaluate
 
     def validate(self) -> None:
-        require(len(self.ks) >= 1 and all(k >= 1 for k in self.ks), f"ks must be positive integers, got {self.ks}")
-        require(self.batch_size >= 1 and self.concurrency >= 1, "batch_size and concurrency must be >= 1")
+        require(len(self.ks) >= 1, f"ks must be positive integers, got {self.ks}")
 
 
-@dataclass
-class MLflowConfig:
+@dataclass(frozen=True)
+class MLflowConfig(Section):
     """Tracking store. Empty URI = `sqlite:///<out_dir>/mlflow.db` (the registry needs a DB store)."""
 
     tracking_uri: str = ""
@@ -291,52 +285,44 @@ class MLflowConfig:
     registered_model: str = "urbancross"
 
 
-@dataclass
-class PromoteConfig:
+@dataclass(frozen=True)
+class PromoteConfig(Section):
     """Registry gate: a candidate becomes `champion` only if clearly better on the same split."""
 
-    margin: float = 0.5  # mean mR (over domains) must beat the champion's by at least this
-    max_domain_drop: float = 2.0  # and no domain's mR may fall by more than this
+    margin: float = num(0.5, ge=0)  # mean mR (over domains) must beat the champion's by at least this
+    max_domain_drop: float = num(2.0, ge=0)  # and no domain's mR may fall by more than this
     manifest: str = ""  # evaluation manifest; empty = data.manifest
     split: str = "test"
 
-    def validate(self) -> None:
-        require(self.margin >= 0 and self.max_domain_drop >= 0, "margin and max_domain_drop must be >= 0")
 
-
-@dataclass
-class TuneConfig:
+@dataclass(frozen=True)
+class TuneConfig(Section):
     """Ray Tune sweep over a space file (tune_spaces/*.yaml); each trial is a whole Train run."""
 
     scheduler: Literal["asha", "pbt"] = "asha"
-    num_samples: int = 4  # trials (times the grid size when the space has `grid` params)
+    num_samples: int = num(4, ge=1)  # trials (times the grid size when the space has `grid` params)
     metric: str = "val_mR"
     mode: Literal["max", "min"] = "max"
-    max_concurrent_trials: int = 1
-    grace_period: int = 1  # ASHA: epochs a trial always runs before it may be stopped
-    reduction_factor: float = 2.0  # ASHA: keep the best 1/reduction_factor at each rung
-    perturbation_interval: int = 1  # PBT: epochs per segment between exploit/explore steps
+    max_concurrent_trials: int = num(1, ge=1)
+    grace_period: int = num(1, ge=1)  # ASHA: epochs a trial always runs before it may be stopped
+    reduction_factor: float = num(2.0, gt=1)  # ASHA: keep the best 1/reduction_factor at each rung
+    perturbation_interval: int = num(1, ge=1)  # PBT: epochs per segment between exploit/explore steps
     synch: bool = False  # PBT: exploit only once every trial reached the step (reproducible, waits)
-    cpus_per_trial: float = 0.5  # the trial driver; training runs there when train.num_workers == 0
-    gpus_per_trial: float = 0.0
-    max_failures: int = 0  # retries of a failed trial (from its last checkpoint)
+    cpus_per_trial: float = num(0.5, ge=0)  # the trial driver; training runs there when train.num_workers == 0
+    gpus_per_trial: float = num(0.0, ge=0)
+    max_failures: int = num(0, ge=0)  # retries of a failed trial (from its last checkpoint)
     storage_path: str = ""  # empty = <out_dir>/tune
     name: str = "sweep"
 
     def validate(self) -> None:
-        require(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
-        require(self.max_concurrent_trials >= 1, "max_concurrent_trials must be >= 1")
-        require(self.grace_period >= 1 and self.perturbation_interval >= 1, "grace_period and perturbation_interval must be >= 1")
-        require(self.reduction_factor > 1, f"reduction_factor must be > 1, got {self.reduction_factor}")
-        require(self.cpus_per_trial >= 0 and self.gpus_per_trial >= 0, "cpus_per_trial and gpus_per_trial must be >= 0")
-        require(bool(self.name) and "/" not in self.name, f"name must be a non-empty folder name, got {self.name!r}")
+        require(bool(self.name) and "/" not in self.name, f"name must be a non-empty folder name, got {show(self.name)}")
 
 
-@dataclass
-class Config:
+@dataclass(frozen=True)
+class Config(Section):
     """A whole run: one file configures every stage of the pipeline."""
 
-    seed: int = 0
+    seed: int = num(0, ge=0)
     out_dir: str = "runs/default"
     synth: SynthConfig = field(default_factory=SynthConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -351,11 +337,23 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain nested dicts and lists (YAML/JSON-able); `config_from_dict` reads it back."""
+        return _plain(self)
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view, e.g. for MLflow params."""
         return flatten(self.to_dict())
+
+    def override(self, changes: Mapping[str, Any] | Sequence[str], where: str = "override") -> Config:
+        """A new, validated Config with `changes` applied; `self` is unchanged.
+
+        `changes` maps dotted keys to values (`{"data.manifest": "/x", "model": other.model}`),
+        or is a list of `KEY=VALUE` strings whose values are read as YAML (the `--set` form).
+        A bad key or value raises `ConfigError` naming `where` and the dotted path.
+        """
+        raw = self.to_dict()
+        _apply(raw, changes, where)
+        return from_dict(Config, raw, where=where)
 
     def tracking_uri(self) -> str:
         """The config's URI, else a local SQLite file under out_dir.
@@ -382,30 +380,58 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+def local_absolute(path: str) -> str:
+    """A local relative path made absolute; URIs and empty strings unchanged."""
+    return path if not path or "://" in path else os.path.abspath(path)
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases: `*name` could expand a few hundred bytes into billions of nodes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a config", mark)
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """Parse YAML safely: no aliases, no Python objects; every failure is a one-line ConfigError."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(e).split())}") from None
+    except (ValueError, RecursionError) as e:  # e.g. a 5000-digit integer, nesting thousands deep
+        raise ConfigError(f"{where}: not valid YAML: {show(str(e))}") from None
+
+
+def read_yaml_file(path: str | os.PathLike, what: str = "config") -> Any:
+    """Read a UTF-8 YAML file through `load_yaml`; unreadable or non-UTF-8 files fail in one line."""
+    where = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read {what}: {e.strerror}") from e
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x}); save the {what} as UTF-8") from None
+    return load_yaml(text, where)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
     """Load `path` (YAML) over the defaults, then apply `key.sub=value` overrides."""
     raw: dict[str, Any] = {}
     where = "<defaults>"
     if path is not None:
         where = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ConfigError(f"{where}: cannot read config: {e.strerror}") from e
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{where}: not valid YAML: {e}") from e
+        loaded = read_yaml_file(path)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{where}: top level must be a mapping, got {type(loaded).__name__}")
         raw = loaded
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
-        key, value = item.split("=", 1)
-        set_dotted(raw, key.strip(), yaml.safe_load(value))
+    _apply(raw, overrides, where)
     return from_dict(Config, raw, where=where)
 
 
@@ -413,46 +439,90 @@ def config_from_dict(raw: dict[str, Any], where: str = "<dict>") -> Config:
     return from_dict(Config, raw, where=where)
 
 
-def set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        nxt = d.setdefault(part, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override {dotted}: {part} is not a section")
-        d = nxt
-    d[parts[-1]] = value
+def _apply(raw: dict[str, Any], changes: Mapping[str, Any] | Sequence[str], where: str) -> None:
+    """Set dotted `changes` (a mapping, or `KEY=VALUE` strings) into the nested dict `raw`."""
+    if isinstance(changes, Mapping):
+        items = [(str(k), _plain(v)) for k, v in changes.items()]
+    else:
+        items = []
+        for item in changes:
+            if "=" not in item:
+                raise ConfigError(f"{where}: override {show(item)}: expected KEY=VALUE, e.g. train.epochs=3")
+            key, value = item.split("=", 1)
+            items.append((key.strip(), load_yaml(value, f"{where}: override {show(key.strip(), quote=False)}")))
+    for key, value in items:
+        d = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            nxt = d.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{where}: {show(key, quote=False)}: {show(part, quote=False)} is not a section")
+            d = nxt
+        d[parts[-1]] = value
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses -> dicts and tuples -> lists, recursively (what YAML and JSON take)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write `cfg` as YAML atomically; `load_config` reads it back unchanged."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    atomic.write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def from_dict(cls: type, raw: Any, where: str = "<dict>", prefix: str = ""):
-    """Build dataclass `cls` from a mapping, checking keys, types and `validate()` hooks."""
+    """Build dataclass `cls` from a mapping, checking keys, types, ranges and `validate()` hooks."""
     label = prefix.rstrip(".") or "config"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: {label} must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(str(k) for k in set(raw) - set(fields))
     if unknown:
         raise ConfigError(
-            f"{where}: unknown key {prefix}{unknown[0]!s}; {label} accepts: {', '.join(sorted(fields))}"
+            f"{where}: unknown key {prefix}{show(unknown[0], quote=False)}; {label} accepts: {', '.join(sorted(fields))}"
         )
     kwargs = {name: _convert(hints[name], raw[name], where, f"{prefix}{name}") for name in raw}
     obj = cls(**kwargs)
-    check = getattr(obj, "validate", None)
-    if check is not None:
-        try:
-            check()
-        except ConfigError as e:
-            raise ConfigError(f"{where}: {label}: {e}") from None
+    for f in fields.values():
+        _check_range(f, getattr(obj, f.name), where, label)
+    try:
+        obj.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {label}: {e}") from None
     return obj
+
+
+def _check_range(f: dataclasses.Field, value: Any, where: str, label: str) -> None:
+    """The field's declared range (`num`); floats must also be finite."""
+    bounds = f.metadata.get("range")
+    if bounds is None:
+        return
+    ge, gt, le, lt = bounds
+    for v in value if isinstance(value, tuple) else (value,):
+        ok = (not isinstance(v, float) or math.isfinite(v)) and (ge is None or v >= ge) and (gt is None or v > gt)
+        ok = ok and (le is None or v <= le) and (lt is None or v < lt)
+        if not ok:
+            where_field = f"{where}: {label}:" if label != "config" else f"{where}:"
+            raise ConfigError(f"{where_field} {f.name} must be {_describe(bounds, f.type)}, got {show(value)}")
+
+
+def _describe(bounds: tuple, tp: Any) -> str:
+    """`0-3` (integers), `in (0, 1]`, `>= 0`: the range as the old messages wrote it."""
+    ge, gt, le, lt = bounds
+    lo, hi = (ge if ge is not None else gt), (le if le is not None else lt)
+    if lo is not None and hi is not None:
+        if "int" in str(tp) and ge is not None and le is not None:
+            return f"{ge:g}-{le:g}"
+        return f"in {'[' if ge is not None else '('}{lo:g}, {hi:g}{']' if le is not None else ')'}"
+    return f"{'>=' if ge is not None else '>' if gt is not None else '<=' if le is not None else '<'} {(lo if lo is not None else hi):g}"
 
 
 def _convert(tp: Any, value: Any, where: str, path: str) -> Any:
@@ -460,7 +530,7 @@ def _convert(tp: Any, value: Any, where: str, path: str) -> Any:
     args = typing.get_args(tp)
 
     def bad(expected: str) -> ConfigError:
-        return ConfigError(f"{where}: {path}: expected {expected}, got {value!r}")
+        return ConfigError(f"{where}: {path}: expected {expected}, got {show(value)}")
 
     if dataclasses.is_dataclass(tp):
         if isinstance(value, bool) and "enabled" in {f.name for f in dataclasses.fields(tp)}:
@@ -479,19 +549,13 @@ def _convert(tp: Any, value: Any, where: str, path: str) -> Any:
         raise errors[0] if len(errors) == 1 else bad(" or ".join(map(_name, rest)))
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{where}: {path}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+            raise ConfigError(f"{where}: {path}: must be one of {', '.join(map(repr, args))}, got {show(value)}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise bad("a list")
         item = args[0] if args else Any
-        items = [_convert(item, v, where, f"{path}[{i}]") for i, v in enumerate(value)]
-        return items if origin is list else tuple(items)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad("a mapping")
-        vt = args[1] if len(args) == 2 else Any
-        return {str(k): _convert(vt, v, where, f"{path}.{k}") for k, v in value.items()}
+        return tuple(_convert(item, v, where, f"{path}[{i}]") for i, v in enumerate(value))
     if tp is Any:
         return value
     if tp is bool:
@@ -510,7 +574,10 @@ def _convert(tp: Any, value: Any, where: str, path: str) -> Any:
                 raise bad("a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise bad("a finite number") from None
     if tp is str:
         if not isinstance(value, str):
             raise bad("a string")
@@ -520,6 +587,21 @@ def _convert(tp: Any, value: Any, where: str, path: str) -> Any:
 
 def _name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
+
+
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = _SHOW.maxlong = 80
+_SHOW.maxlist = _SHOW.maxtuple = _SHOW.maxdict = 6
+_SHOW.maxlevel = 3
+
+
+def show(value: Any, quote: bool = True) -> str:
+    """A value for an error message, cut to about 80 characters (a config may hold huge strings)."""
+    if isinstance(value, str) and not quote:
+        return value if len(value) <= 80 else f"{value[:60]}... ({len(value)} chars)"
+    if isinstance(value, str) and len(value) > 80:
+        return f"{value[:60]!r}... ({len(value)} chars)"
+    return _SHOW.repr(value)
 
 
 def require(cond: bool, message: str) -> None:
@@ -538,6 +620,11 @@ __all__ = [
     "flatten",
     "from_dict",
     "load_config",
+    "load_yaml",
+    "local_absolute",
+    "num",
+    "read_yaml_file",
     "require",
     "save_config",
+    "show",
 ]

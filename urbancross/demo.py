@@ -11,15 +11,23 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Callable
 
-from urbancross.config import Config, save_config
+from urbancross.config import Config, local_absolute, save_config
+from urbancross.data.manifest import read_manifest, summary_json
+from urbancross.data.synth import synthesize
+from urbancross.evaluate.job import run_evaluate
+from urbancross.preprocess import run_preprocess
+from urbancross.train import run_adapt, run_train
 
 log = logging.getLogger("urbancross.demo")
 
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")  # the embedded default's settings
+BENCHMARK = "benchmark"  # <out_dir>/benchmark: the synthesized manifest when none is given
+CONFIG_FILE = "config.yaml"
 
 
 def _timed(name: str, fn: Callable[[], object]):
@@ -40,35 +48,37 @@ def _train_stage(cfg: Config, stage: str, run: Callable[..., dict]) -> dict:
     return run(cfg, resume=(stage_dir / "run.json").exists())
 
 
-def run_demo(cfg: Config) -> list[dict]:
-    from urbancross.data.manifest import read_manifest, summary_json
-    from urbancross.data.synth import synthesize
-    from urbancross.evaluate.job import run_evaluate
-    from urbancross.preprocess import run_preprocess
-    from urbancross.train import run_adapt, run_train
+def demo_config(cfg: Config) -> Config:
+    """The config the demo runs with: absolute paths, and every stage's input and output named.
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    out = Path(cfg.out_dir).resolve()
-    cfg.out_dir = str(out)
+    The source manifest (`data.manifest`, else the benchmark synthesized under out_dir) is
+    preprocessed into `preprocess.output`, which becomes `data.manifest` for training,
+    adaptation and evaluation. Saved as `<out_dir>/config.yaml`, it is a config that every
+    later command (`evaluate`, `promote`, `index`, a re-run of the demo) takes unchanged.
+    """
+    out = local_absolute(cfg.out_dir)
+    source = local_absolute(cfg.preprocess.input or cfg.data.manifest) or os.path.join(out, BENCHMARK)
+    prepared = local_absolute(cfg.preprocess.output) or os.path.join(out, "preprocessed")
+    changes = {"out_dir": out, "preprocess.input": source, "preprocess.output": prepared, "data.manifest": prepared, "evaluate.output": out}
+    return cfg.override(changes, where="demo")
+
+
+def run_demo(cfg: Config) -> list[dict]:
+    cfg = demo_config(cfg)
+    out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    save_config(cfg, out / CONFIG_FILE)
     t0 = time.perf_counter()
 
-    raw = out / "benchmark"
-    if not cfg.data.manifest:
+    raw = out / BENCHMARK
+    if cfg.preprocess.input == str(raw):
         table = read_manifest(raw) if raw.exists() else _timed("synthesize the embedded benchmark", lambda: synthesize(cfg.synth, str(raw)))
         print(summary_json(table), flush=True)
-        cfg.data.manifest = str(raw)
-
-    cfg.preprocess.input = cfg.preprocess.input or cfg.data.manifest
-    cfg.preprocess.output = cfg.preprocess.output or str(out / "preprocessed")
-    summary = _timed("preprocess (SAM segments, caption refinement)", lambda: run_preprocess(cfg))
-    cfg.data.manifest = summary["output"]
+    _timed("preprocess (SAM segments, caption refinement)", lambda: run_preprocess(cfg))
 
     _timed(f"train on {cfg.data.source_domain}", lambda: _train_stage(cfg, "train", run_train))
     _timed(f"adapt {cfg.data.source_domain} -> {cfg.data.target_domain}", lambda: _train_stage(cfg, "adapt", run_adapt))
 
-    cfg.evaluate.output = str(out)
     records = _timed("evaluate on every domain", lambda: run_evaluate(cfg))  # logs the table
     log.info("demo: finished in %.0fs; table in %s, MLflow store %s", time.perf_counter() - t0, out / "cross_domain.json", cfg.tracking_uri())
     return records

@@ -1,4 +1,8 @@
-"""Thin MLflow glue: one place that knows the tracking URI, experiment and what a run logs."""
+"""Thin MLflow glue: one place that knows the tracking URI, experiment and what a run logs.
+
+Also the check that a tracking server answers, and `RegistryError` for when it does not:
+every stage that talks to MLflow (training, evaluation, promotion, search) uses them.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,37 @@ import contextlib
 import json
 import os
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from urbancross.config import Config, save_config
 
 MAX_PARAM_LEN = 500  # MLflow rejects longer param values
+
+
+class RegistryError(RuntimeError):
+    """The tracking server or registry cannot serve the request."""
+
+
+def check_tracking_server(uri: str, timeout: float = 5.0) -> str:
+    """Fail fast, naming `uri`, when an HTTP tracking server does not answer /health.
+
+    MLflow's own client retries for minutes before giving up; checking first makes a
+    down server a one-line error and guarantees nothing was half-registered. Returns `uri`.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            if resp.status == 200:
+                return uri
+            problem = f"HTTP {resp.status}"
+    except (urllib.error.URLError, OSError) as e:
+        problem = str(getattr(e, "reason", e))
+    raise RegistryError(f"MLflow tracking server {uri} is not reachable ({problem}); start it or fix mlflow.tracking_uri")
 
 
 def configure(cfg: Config) -> str:

@@ -14,7 +14,6 @@ the weights when present, else from `cfg.data.source_domain` / `target_domain`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from typing import Any, Mapping
 import numpy as np
 import pyarrow as pa
 
-from urbancross.config import Config, EvaluateConfig
+from urbancross.config import Config, EvaluateConfig, local_absolute
 
 log = logging.getLogger(__name__)
 
@@ -227,8 +226,7 @@ def run_evaluate(cfg: Config, models: Mapping[str, Any] | None = None, *, use_ra
     from urbancross.data.ingest import read_split
     from urbancross.evaluate.report import to_markdown, write_report
     from urbancross.model.factory import create_model
-    from urbancross.registry import check_tracking_server
-    from urbancross.tracking import log_json_artifact, log_metrics, mlflow_run
+    from urbancross.tracking import check_tracking_server, log_json_artifact, log_metrics, mlflow_run
 
     check_tracking_server(cfg.tracking_uri())  # before minutes of embedding, not after
     cfg = with_model(cfg, cfg, local_absolute(cfg.data.manifest))  # Ray workers may run elsewhere
@@ -257,15 +255,10 @@ def run_evaluate(cfg: Config, models: Mapping[str, Any] | None = None, *, use_ra
     return records
 
 
-def local_absolute(path: str) -> str:
-    """A local relative path made absolute; URIs and empty strings unchanged."""
-    return path if not path or "://" in path else os.path.abspath(path)
-
-
 def with_model(cfg: Config, model_cfg: Config, manifest: str | None = None) -> Config:
     """`cfg` running a model built by `model_cfg` (its towers/transforms) on this run's data.
 
     `manifest` replaces `data.manifest`, so relative image paths resolve against it.
     """
-    data = dataclasses.replace(cfg.data, manifest=manifest) if manifest else cfg.data
-    return dataclasses.replace(cfg, model=model_cfg.model, data=data)
+    changes = {"model": model_cfg.model, **({"data.manifest": manifest} if manifest else {})}
+    return cfg.override(changes, where="model config")

@@ -15,7 +15,6 @@ Re-running on the same output skips rows already in `output` or the journal (by
 
 from __future__ import annotations
 
-import copy
 import io
 import logging
 import os
@@ -30,7 +29,8 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from urbancross.config import Config, ConfigError, PreprocessConfig
+from urbancross.atomic import write_fs
+from urbancross.config import Config, ConfigError, PreprocessConfig, local_absolute
 from urbancross.data.manifest import (
     MANIFEST_SCHEMA,
     ManifestError,
@@ -166,13 +166,7 @@ def parts_path(output: str) -> str:
 
 
 def _write_file_atomic(table: pa.Table, uri: str) -> None:
-    fs, path = resolve_fs(uri)
-    parent = os.path.dirname(path)
-    fs.create_dir(parent, recursive=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-    with fs.open_output_stream(tmp) as f:
-        pq.write_table(table, f)
-    fs.move(tmp, path)
+    write_fs(*resolve_fs(uri), lambda f: pq.write_table(table, f))
 
 
 def _complete(table: pa.Table) -> pa.Table:
@@ -218,23 +212,23 @@ def in_order(table: pa.Table, ids: list[str]) -> pa.Table:
 
 
 def resolve_paths(cfg: Config) -> tuple[Config, str, str, str]:
-    """A copy of `cfg` with absolute paths (actors may run elsewhere), plus input, output, root."""
+    """`cfg` with absolute paths (actors may run elsewhere), plus input, output, root."""
     from urbancross.preprocess.sam import resolve_checkpoint
 
-    cfg = copy.deepcopy(cfg)
     src = cfg.preprocess.input or cfg.data.manifest
     if not src:
         raise ConfigError("preprocess.input (or data.manifest): no manifest to preprocess")
     out = cfg.preprocess.output or os.path.join(cfg.out_dir, "preprocessed")
-
-    def absolute(p: str) -> str:
-        return p if not p or "://" in p else os.path.abspath(p)
-
-    src, out = absolute(src), absolute(out)
-    root = absolute(cfg.data.root) or os.path.dirname(src)
-    cfg.preprocess.sam.checkpoint = absolute(resolve_checkpoint(cfg))
-    cfg.preprocess.refine.model_dir = absolute(cfg.preprocess.refine.model_dir)
-    cfg.model.pretrained = absolute(cfg.model.pretrained)
+    src, out = local_absolute(src), local_absolute(out)
+    root = local_absolute(cfg.data.root) or os.path.dirname(src)
+    cfg = cfg.override(
+        {
+            "preprocess.sam.checkpoint": local_absolute(resolve_checkpoint(cfg)),
+            "preprocess.refine.model_dir": local_absolute(cfg.preprocess.refine.model_dir),
+            "model.pretrained": local_absolute(cfg.model.pretrained),
+        },
+        where="preprocess paths",
+    )
     if not os.path.isfile(cfg.preprocess.sam.checkpoint):  # fail here, not inside every actor
         raise ConfigError(f"preprocess.sam.checkpoint: no such file {cfg.preprocess.sam.checkpoint!r}")
     if cfg.preprocess.refine.kind == "lmm" and not os.path.isdir(cfg.preprocess.refine.model_dir):

@@ -81,8 +81,7 @@ def promote(
     """
     from mlflow import MlflowClient
 
-    from urbancross.registry import check_tracking_server
-    from urbancross.tracking import configure
+    from urbancross.tracking import check_tracking_server, configure
 
     name = name or cfg.mlflow.registered_model
     uri = configure(cfg)

@@ -15,7 +15,6 @@ and `<out_dir>/<stage>/result.json`.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -27,7 +26,8 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from urbancross.config import Config, ConfigError
+from urbancross.atomic import write_json
+from urbancross.config import Config, ConfigError, local_absolute, save_config
 from urbancross.data.ingest import ModelInputs, caption_texts, read_split, sample_key
 from urbancross.data.manifest import ManifestError, read_manifest
 from urbancross.train.curriculum import caption_complexity
@@ -38,6 +38,7 @@ RUN_FILE = "run.json"
 OPTIONS = {"callbacks", "resume_from", "stop_epoch", "on_step"}
 RESULT_FILE = "result.json"
 MODEL_FILE = "model.pt"
+CONFIG_FILE = "config.yaml"
 CHECKPOINTS = "checkpoints"  # in-process runs only
 
 
@@ -45,25 +46,17 @@ CHECKPOINTS = "checkpoints"  # in-process runs only
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """A copy with every path absolute: Ray workers and actors run in other directories."""
-    cfg = copy.deepcopy(cfg)
+    """`cfg` with every path absolute and the MLflow store pinned: Ray workers and actors
+    run in other directories, and a later command must find the same store."""
     if not cfg.data.manifest:
         raise ConfigError("data.manifest is empty: set it to a manifest folder (or run `urbancross demo`)")
-    if "://" not in cfg.data.manifest:
-        cfg.data.manifest = str(Path(cfg.data.manifest).resolve())
-    for section, name in ((cfg, "out_dir"), (cfg.data, "root"), (cfg.adapt, "checkpoint")):
-        value = getattr(section, name)
-        if value and "://" not in value:
-            setattr(section, name, str(Path(value).resolve()))
-    cfg.mlflow.tracking_uri = cfg.tracking_uri()
-    return cfg
+    paths = ("out_dir", "data.manifest", "data.root", "adapt.checkpoint")
+    cfg = cfg.override({key: local_absolute(cfg.flat()[key]) for key in paths}, where="absolute paths")
+    return cfg.override({"mlflow.tracking_uri": cfg.tracking_uri()}, where="absolute paths")
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    write_json(path, obj, indent=2, sort_keys=True, default=str)
 
 
 def latest_local_checkpoint(folder: Path | None) -> str | None:
@@ -218,6 +211,7 @@ def _fit(
         with mlflow_run(cfg, state["name"], tags={"stage": stage}) as run:
             state["mlflow_run_id"] = run.info.run_id
     _write_json(stage_dir / RUN_FILE, state)
+    save_config(cfg, stage_dir / CONFIG_FILE)  # what this stage ran with: later commands take it as is
     loop_config = {
         **loop_config,
         "cfg": cfg.to_dict(),

@@ -26,11 +26,9 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-import yaml
-
-from urbancross.config import Config, ConfigError, TuneConfig, from_dict, set_dotted
+from urbancross.config import Config, ConfigError, TuneConfig, read_yaml_file
 
 STAGES = ("train", "adapt")
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -101,19 +99,12 @@ class Space:
         hints = {
             f"tune.{k}": v for k, v in self.tune.items() if getattr(cfg.tune, k) == getattr(defaults, k)
         }
-        return apply_params(cfg, hints, where=self.path)
+        return cfg.override(hints, where=self.path)
 
 
 def load_space(path: str | Path, base: Config | None = None) -> Space:
     """Read and validate a space file; `base` is the config the params are checked against."""
-    where = str(path)
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise ConfigError(f"{where}: cannot read search space: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: not valid YAML: {e}") from e
-    return parse_space(raw, where, base or Config())
+    return parse_space(read_yaml_file(path, "search space"), str(path), base or Config())
 
 
 def parse_space(raw: Any, where: str, base: Config) -> Space:
@@ -128,7 +119,7 @@ def parse_space(raw: Any, where: str, base: Config) -> Space:
     hints = raw.get("tune") or {}
     if not isinstance(hints, dict):
         raise ConfigError(f"{where}: tune: expected a mapping of sweep settings, got {hints!r}")
-    apply_params(base, {f"tune.{k}": v for k, v in hints.items()}, where)
+    base.override({f"tune.{k}": v for k, v in hints.items()}, where)
     params = raw.get("params")
     if not isinstance(params, dict) or not params:
         raise ConfigError(f"{where}: params: expected a non-empty mapping of dotted config paths to domains")
@@ -201,12 +192,4 @@ def _check_range(kind: str, args: list, label: str) -> None:
 def _check_values(base: Config, key: str, values: list, label: str) -> None:
     """Every value the domain can produce must make a valid config (the config's own checks)."""
     for value in values:
-        apply_params(base, {key: value}, where=label)
-
-
-def apply_params(cfg: Config, params: Mapping[str, Any], where: str) -> Config:
-    """A new Config: `cfg` with dotted `params` set, validated by `urbancross.config`."""
-    raw = cfg.to_dict()
-    for key, value in params.items():
-        set_dotted(raw, key, value)
-    return from_dict(Config, raw, where=where)
+        base.override({key: value}, where=label)

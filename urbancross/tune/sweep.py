@@ -26,8 +26,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from urbancross.atomic import write_json
 from urbancross.config import Config, ConfigError, config_from_dict, save_config
-from urbancross.tune.space import Space, apply_params, load_space
+from urbancross.tune.space import Space, load_space
 
 log = logging.getLogger("urbancross.tune")
 
@@ -74,12 +75,12 @@ def segment_ends(done: int, total: int, interval: int) -> list[int]:
 
 def trial_config(base: Mapping[str, Any], params: Mapping[str, Any], where: str) -> Config:
     """The trial's config: the sweep's base config with the sampled params set and checked."""
-    return apply_params(config_from_dict(dict(base), where), params, where)
+    return config_from_dict(dict(base), where).override(params, where)
 
 
 def best_config(base: Config, params: Mapping[str, Any]) -> Config:
     """The base config with the best trial's params: what `urbancross train --config` takes."""
-    return apply_params(base, params, where="best trial")
+    return base.override(params, where="best trial")
 
 
 # --------------------------------------------------------------------------- MLflow nesting
@@ -113,7 +114,7 @@ def _parent_run_id(cfg: Config, exp_dir: Path, space: Space) -> str:
     tags = {"tune.space": space.path, "tune.stage": space.stage, "tune.scheduler": cfg.tune.scheduler}
     with mlflow_run(cfg, f"tune-{cfg.tune.name}", tags=tags) as run:
         run_id = run.info.run_id
-    _write_json(path, {"run_id": run_id})
+    write_json(path, {"run_id": run_id})
     return run_id
 
 
@@ -126,18 +127,11 @@ def default_runner(stage: str) -> Runner:
     return run_adapt if stage == "adapt" else run_train
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
 def _pin_run(cfg: Config, stage: str, name: str, mlflow_run_id: str) -> None:
     """Make the stage's `resume=True` use Train run `name` and log into the trial's MLflow run."""
     from urbancross.train.trainer import RUN_FILE
 
-    _write_json(Path(cfg.out_dir) / stage / RUN_FILE, {"name": name, "mlflow_run_id": mlflow_run_id})
+    write_json(Path(cfg.out_dir) / stage / RUN_FILE, {"name": name, "mlflow_run_id": mlflow_run_id})
 
 
 def run_trial(params: dict, *, base: dict, stage: str, parent_run_id: str, runner: Runner | None) -> None:
@@ -151,8 +145,8 @@ def run_trial(params: dict, *, base: dict, stage: str, parent_run_id: str, runne
 
     run = runner or default_runner(stage)
     ctx = tune.get_context()
-    cfg = trial_config(base, params, where=f"trial {ctx.get_trial_name()}")
-    cfg.out_dir = str(Path(ctx.get_trial_dir()).resolve())
+    where = f"trial {ctx.get_trial_name()}"
+    cfg = trial_config(base, params, where).override({"out_dir": str(Path(ctx.get_trial_dir()).resolve())}, where)
     run_id = child_run_id(cfg, parent_run_id, ctx.get_trial_id(), ctx.get_trial_name())
     if not uses_segments(cfg):
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -169,7 +163,7 @@ def run_trial(params: dict, *, base: dict, stage: str, parent_run_id: str, runne
         if not result.get("checkpoint_path"):
             raise RuntimeError(f"{stage} reported no checkpoint at epoch {stop}; a segment must end with one")
         path = Path(result["checkpoint_path"])
-        _write_json(path / SEGMENT_FILE, {"epoch": stop})
+        write_json(path / SEGMENT_FILE, {"epoch": stop})
         tune.report({**result["metrics"], "epoch": stop}, checkpoint=tune.Checkpoint.from_directory(str(path)))
         resume_from = None  # later segments resume the same Train run from its own checkpoint
 
@@ -234,10 +228,8 @@ def sweep_base(cfg: Config, space: Space) -> Config:
     from urbancross.train.trainer import absolute_paths, stage1_model
 
     cfg = absolute_paths(space.sweep_config(cfg))
-    check_sweepable(apply_params(cfg, space.fixed(), where=space.path))
-    if space.stage == "adapt":
-        cfg.adapt.checkpoint = stage1_model(cfg)
-    return cfg
+    check_sweepable(cfg.override(space.fixed(), where=space.path))
+    return cfg.override({"adapt.checkpoint": stage1_model(cfg)}) if space.stage == "adapt" else cfg
 
 
 def run_tune(cfg: Config, space_path: str | os.PathLike, *, runner: Runner | None = None) -> dict:
