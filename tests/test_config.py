@@ -1,6 +1,6 @@
 import pytest
 
-from urbancross.config import Config, ConfigError, load_config, save_config
+from urbancross.config import Config, ConfigError, SynthConfig, load_config, save_config
 
 
 def write(tmp_path, text):
@@ -105,6 +105,8 @@ def test_config_is_frozen_and_override_derives_a_validated_copy():
     assert (cfg.train.epochs, cfg.data.manifest) == (Config().train.epochs, "")  # the original is unchanged
     assert cfg.override(["train.epochs=3", "data.manifest=/m"]) == new  # the --set form
     assert cfg.override({"model": new.override({"model.use_segments": False}).model}).model.use_segments is False
+    with pytest.raises(ConfigError, match="images_per_domain must be >= 2, got 1"):
+        SynthConfig(images_per_domain=1)  # a section validates itself when built, however it is built
 
 
 @pytest.mark.parametrize(
@@ -128,7 +130,7 @@ def test_cli_flags_are_validated(tmp_path, capsys):
 
     assert main(["data", "synth", "--out", str(tmp_path / "m"), "--images-per-domain", "1"]) == 2
     err = capsys.readouterr().err
-    assert "images_per_domain must be >= 2, got 1" in err and len(err.strip().splitlines()) == 1
+    assert "command line: synth: images_per_domain must be >= 2, got 1" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "m").exists()
 
 

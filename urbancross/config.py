@@ -44,16 +44,24 @@ def nums(default: Sequence[int | float], **bounds: float) -> Any:
 
 @dataclass(frozen=True)
 class Section:
-    """Base of every config section: frozen, lists stored as tuples (so nothing inside changes)."""
+    """Base of every config section: frozen, lists stored as tuples (so nothing inside changes),
+    and validated when built, so no section can exist with a value outside its range."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))
+        self.validate()
 
     def validate(self) -> None:
-        """Checks across fields (single-field ranges are declared with `num`)."""
+        """Every field's declared range (`num`), then the checks across fields (`check`)."""
+        for f in dataclasses.fields(self):
+            _check_range(f, getattr(self, f.name))
+        self.check()
+
+    def check(self) -> None:
+        """Checks across fields; sections override it."""
 
 
 # --------------------------------------------------------------------------- sections
@@ -72,7 +80,7 @@ class SynthConfig(Section):
     near_duplicate_fraction: float = num(0.5, ge=0, le=1)  # chance an image is a one-element variant of the previous one
     seed: int = num(0, ge=0)
 
-    def validate(self) -> None:
+    def check(self) -> None:
         require(len(self.domains) >= 1, "domains must name at least one domain")
         require(
             self.test_fraction + self.val_fraction < 1,
@@ -116,7 +124,7 @@ class SamConfig(Section):
     concurrency: int = num(1, ge=1)
     batch_size: int = num(8, ge=1)
 
-    def validate(self) -> None:
+    def check(self) -> None:
         require(self.keep_largest >= self.num_segments, "keep_largest must be >= num_segments")
 
 
@@ -139,7 +147,7 @@ class RefineConfig(Section):
     concurrency: int = num(1, ge=1)
     batch_size: int = num(4, ge=1)
 
-    def validate(self) -> None:
+    def check(self) -> None:
         require(self.min_chars <= self.max_chars, f"min_chars must be <= max_chars, got {self.min_chars} > {self.max_chars}")
 
 
@@ -155,7 +163,7 @@ class PreprocessConfig(Section):
     sam: SamConfig = field(default_factory=SamConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
 
-    def validate(self) -> None:
+    def check(self) -> None:
         require(len(self.image_modes) >= 1, "image_modes must name at least one PIL mode")
         require(self.min_image_side <= self.max_image_side, "need 1 <= min_image_side <= max_image_side")
 
@@ -175,7 +183,7 @@ class ModelConfig(Section):
     aug_crop_scale: float = num(0.8, gt=0, le=1)  # train crops keep at least this share of the tile's area
     aug_color_jitter: float = num(0.2, ge=0, lt=1)  # brightness/contrast/saturation jitter strength (0 = off)
 
-    def validate(self) -> None:
+    def check(self) -> None:
         require(bool(self.window_sizes), "window_sizes must name at least one window size")
 
 
@@ -272,7 +280,7 @@ class EvaluateConfig(Section):
     concurrency: int = num(1, ge=1)  # embedding actors
     output: str = ""  # report folder; empty = <out_dir>/evaluate
 
-    def validate(self) -> None:
+    def check(self) -> None:
         require(len(self.ks) >= 1, f"ks must be positive integers, got {self.ks}")
 
 
@@ -314,7 +322,7 @@ class TuneConfig(Section):
     storage_path: str = ""  # empty = <out_dir>/tune
     name: str = "sweep"
 
-    def validate(self) -> None:
+    def check(self) -> None:
         require(bool(self.name) and "/" not in self.name, f"name must be a non-empty folder name, got {show(self.name)}")
 
 
@@ -478,7 +486,7 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 
 
 def from_dict(cls: type, raw: Any, where: str = "<dict>", prefix: str = ""):
-    """Build dataclass `cls` from a mapping, checking keys, types, ranges and `validate()` hooks."""
+    """Build dataclass `cls` from a mapping, checking keys and types; the section checks its ranges."""
     label = prefix.rstrip(".") or "config"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: {label} must be a mapping, got {type(raw).__name__}")
@@ -490,17 +498,13 @@ def from_dict(cls: type, raw: Any, where: str = "<dict>", prefix: str = ""):
             f"{where}: unknown key {prefix}{show(unknown[0], quote=False)}; {label} accepts: {', '.join(sorted(fields))}"
         )
     kwargs = {name: _convert(hints[name], raw[name], where, f"{prefix}{name}") for name in raw}
-    obj = cls(**kwargs)
-    for f in fields.values():
-        _check_range(f, getattr(obj, f.name), where, label)
     try:
-        obj.validate()
+        return cls(**kwargs)  # validates itself (`Section.validate`)
     except ConfigError as e:
-        raise ConfigError(f"{where}: {label}: {e}") from None
-    return obj
+        raise ConfigError(f"{where}: {label}: {e}" if prefix else f"{where}: {e}") from None
 
 
-def _check_range(f: dataclasses.Field, value: Any, where: str, label: str) -> None:
+def _check_range(f: dataclasses.Field, value: Any) -> None:
     """The field's declared range (`num`); floats must also be finite."""
     bounds = f.metadata.get("range")
     if bounds is None:
@@ -510,8 +514,7 @@ def _check_range(f: dataclasses.Field, value: Any, where: str, label: str) -> No
         ok = (not isinstance(v, float) or math.isfinite(v)) and (ge is None or v >= ge) and (gt is None or v > gt)
         ok = ok and (le is None or v <= le) and (lt is None or v < lt)
         if not ok:
-            where_field = f"{where}: {label}:" if label != "config" else f"{where}:"
-            raise ConfigError(f"{where_field} {f.name} must be {_describe(bounds, f.type)}, got {show(value)}")
+            raise ConfigError(f"{f.name} must be {_describe(bounds, f.type)}, got {show(value)}")
 
 
 def _describe(bounds: tuple, tp: Any) -> str:
@@ -605,7 +608,7 @@ def show(value: Any, quote: bool = True) -> str:
 
 
 def require(cond: bool, message: str) -> None:
-    """For `validate()` hooks: raise ConfigError(message) unless `cond`."""
+    """For `check()` hooks: raise ConfigError(message) unless `cond`."""
     if not cond:
         raise ConfigError(message)
 
