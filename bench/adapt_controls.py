@@ -27,12 +27,14 @@ import torch
 
 from ablations import chance_mr  # bench/ is the script's folder
 from urbancross.config import load_config
-from urbancross.data.ingest import ModelInputs, pick_caption, read_split
+from urbancross.data.ingest import pick_caption, read_split
 from urbancross.demo import DEMO_CONFIG
-from urbancross.evaluate.job import domain_metrics, embed_table, numpy_batches
+from urbancross.evaluate.scoring import domain_metrics
 from urbancross.loss import retrieval_loss
+from urbancross.model.embed import embed_table, numpy_batches
 from urbancross.model.factory import create_model
-from urbancross.train.adversarial import AdaptObjective, adversarial_weight, selection_window, step_phase
+from urbancross.model.inputs import ModelInputs
+from urbancross.train.adversarial import AdaptObjective, AdaptSchedule
 
 VARIANTS = {
     "control (fine-tune on source)": ["adapt.max_weight=0", "adapt.select_fraction=1.0", "adapt.curriculum=false"],
@@ -79,15 +81,14 @@ def adapt(cfg, model, source: pa.Table, target: pa.Table):
     module = AdaptObjective(copy.deepcopy(model), cfg.loss, a)
     opt = torch.optim.AdamW([{"params": module.model.parameters(), "lr": a.lr}, {"params": module.disc.parameters(), "lr": a.disc_lr}],
                             weight_decay=cfg.train.weight_decay)
-    steps = math.ceil(source.num_rows / cfg.train.batch_size)
+    schedule = AdaptSchedule(a, steps_per_epoch=math.ceil(source.num_rows / cfg.train.batch_size))
     step = 0
     for epoch in range(a.epochs):
         accuracy = []
-        window = selection_window(epoch, a.epochs, a.select_fraction, a.slices, a.curriculum_length, a.curriculum)
+        window = schedule.window(epoch)
         targets = (b for k in itertools.count() for b in batches(cfg, target, 1000 * (epoch + 1) + k, cfg.seed + 1))
         for i, src in enumerate(batches(cfg, source, epoch, cfg.seed)):
-            weight = adversarial_weight((epoch + min(i / steps, 1.0)) / a.epochs, a.schedule, a.max_weight, a.gamma)
-            loss, logs = module(src, next(targets), weight, window, step_phase(a.mode, step))
+            loss, logs = module(src, next(targets), schedule.weight(epoch, i), window, schedule.phase(step))
             accuracy.append(float(logs["disc_acc"]))
             opt.zero_grad()
             loss.backward()

@@ -23,9 +23,10 @@ from urbancross.config import SynthConfig, load_config
 
 def plain_loop(cfg, table, epochs: int) -> tuple[float, float]:
     """(last-epoch samples/s, end-to-end samples/s) of a single-process torch loop."""
-    from urbancross.data.ingest import ModelInputs, pick_caption
+    from urbancross.data.ingest import pick_caption
     from urbancross.loss import retrieval_loss
     from urbancross.model.factory import create_model
+    from urbancross.model.inputs import ModelInputs
 
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)

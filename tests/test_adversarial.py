@@ -102,3 +102,21 @@ def test_target_likeness_and_take_rows():
     got = take_rows(out, torch.tensor([2, 0]), 3)
     assert got["image"].tolist() == [[4, 5], [0, 1]] and got["extra"]["t"].tolist() == [2, 0]
     assert got["logit_scale"].item() == 2.0
+
+
+def test_adapt_schedule_is_the_stage_2_schedule_at_each_step():
+    """The one schedule both adapt loops use: weight by progress through the passes, window by
+    pass, phase by optimizer step; progress within a pass is capped at its step count."""
+    from urbancross.config import AdaptConfig
+    from urbancross.train.adversarial import AdaptSchedule
+
+    a = AdaptConfig(epochs=4, select_fraction=0.2, slices=5, schedule="dann", max_weight=0.1, gamma=10.0, mode="alternating")
+    s = AdaptSchedule(a, steps_per_epoch=10)
+    assert s.weight(0, 0) == 0.0
+    assert s.weight(1, 5) == pytest.approx(0.1 * (2 / (1 + math.exp(-10 * 1.5 / 4)) - 1))
+    assert s.weight(3, 10) == s.weight(3, 99) == pytest.approx(0.1 * (2 / (1 + math.exp(-10.0)) - 1))  # end of the last pass
+    assert [s.window(e)[0] for e in range(4)] == pytest.approx([0.0, 0.2, 0.6, 0.8])  # k = round(4 e / 3) of 5 quintiles
+    assert [s.phase(g) for g in (0, 1, 2, 7)] == ["disc", "encoder", "disc", "encoder"]
+    linear = AdaptSchedule(AdaptConfig(epochs=2, schedule="linear", max_weight=1.0, curriculum=False, select_fraction=0.5), 0)
+    assert linear.steps_per_epoch == 1 and linear.weight(0, 1) == pytest.approx(0.5) and linear.window(1) == (0.0, 0.5)
+    assert linear.phase(5) == "grl"

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from urbancross.config import config_from_dict
-from urbancross.evaluate.job import domain_metrics, embed_dataset, embed_table, gallery, model_entries, run_evaluate
+from urbancross.evaluate.job import model_entries, run_evaluate
 from urbancross.evaluate.report import model_label, pivot, to_markdown, write_report
+from urbancross.evaluate.scoring import domain_metrics, gallery
+from urbancross.model.embed import embed_dataset, embed_table
 
 
 @pytest.fixture(scope="module")

@@ -25,11 +25,10 @@ import torch.nn.functional as F
 
 from urbancross.cli import main
 from urbancross.config import config_from_dict
-from urbancross.tracking import RegistryError, check_tracking_server
+from urbancross.model.pyfunc import load_urbancross, log_model
 from urbancross.registry.promote import decide, promote
-from urbancross.registry.pyfunc import load_urbancross, log_model
 from urbancross.registry.search import build_index, read_index, search, top_k
-from urbancross.tracking import mlflow_run
+from urbancross.tracking import RegistryError, check_tracking_server, mlflow_run
 
 # --------------------------------------------------------------------------- decide (pure)
 
@@ -77,8 +76,8 @@ def quiet_single_thread():
 
 def fit_projections(model, cfg, table, steps: int = 200) -> None:
     """Fit only the two projection heads to `table` (InfoNCE on cached tower features)."""
-    from urbancross.data.ingest import ModelInputs
-    from urbancross.evaluate.job import numpy_batches
+    from urbancross.model.embed import numpy_batches
+    from urbancross.model.inputs import ModelInputs
 
     x = ModelInputs(cfg, train=False)(next(numpy_batches(table, table.num_rows)))
     clip = model.clip
@@ -194,7 +193,7 @@ def first_test_caption(cfg) -> tuple[str, str]:
 
 def test_pyfunc_maps_text_and_images_to_the_models_embeddings(bench, tmp_path, monkeypatch):
     from urbancross.data.ingest import read_split
-    from urbancross.evaluate.job import embed_table
+    from urbancross.model.embed import embed_table
 
     raw, weights = bench
     monkeypatch.chdir(tmp_path)  # a SQLite store puts artifacts under ./mlruns

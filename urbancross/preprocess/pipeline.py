@@ -41,6 +41,8 @@ from urbancross.data.manifest import (
     resolve_fs,
     write_manifest,
 )
+from urbancross.preprocess.refine import make_refiner
+from urbancross.preprocess.sam import Segmenter, resolve_checkpoint
 
 log = logging.getLogger("urbancross.preprocess")
 
@@ -52,13 +54,7 @@ STAGE_OUTPUTS = {"sam": ("segments", "num_real_segments"), "refine": ("refined_c
 
 
 def _stage_class(name: str) -> Callable[[Config], Any]:
-    if name == "sam":
-        from urbancross.preprocess.sam import Segmenter
-
-        return Segmenter
-    from urbancross.preprocess.refine import make_refiner
-
-    return make_refiner
+    return Segmenter if name == "sam" else make_refiner
 
 
 # --------------------------------------------------------------------------- per-row safety
@@ -213,8 +209,6 @@ def in_order(table: pa.Table, ids: list[str]) -> pa.Table:
 
 def resolve_paths(cfg: Config) -> tuple[Config, str, str, str]:
     """`cfg` with absolute paths (actors may run elsewhere), plus input, output, root."""
-    from urbancross.preprocess.sam import resolve_checkpoint
-
     src = cfg.preprocess.input or cfg.data.manifest
     if not src:
         raise ConfigError("preprocess.input (or data.manifest): no manifest to preprocess")

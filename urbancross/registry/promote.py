@@ -15,6 +15,9 @@ import logging
 from typing import Any, Callable
 
 from urbancross.config import Config
+from urbancross.evaluate.scoring import evaluate_model
+from urbancross.model.pyfunc import load_urbancross
+from urbancross.tracking import check_tracking_server, configure
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +60,10 @@ def scores_of(records: list[dict[str, Any]]) -> Scores:
 
 def evaluate_model_uri(cfg: Config, model_uri: str) -> Scores:
     """mR per domain of a logged/registered pyfunc model on the promotion split (no Ray)."""
-    from urbancross.evaluate.job import evaluate_model, with_model
-    from urbancross.registry.pyfunc import load_urbancross
-
     model, model_cfg = load_urbancross(model_uri)
     manifest = cfg.promote.manifest or cfg.data.manifest
-    records = evaluate_model(model, with_model(cfg, model_cfg, manifest), manifest, cfg.promote.split)
+    run_cfg = cfg.override({"model": model_cfg.model, "data.manifest": manifest}, where=f"{model_uri} on {manifest}")
+    records = evaluate_model(model, run_cfg, manifest, cfg.promote.split)
     return scores_of(records)
 
 
@@ -79,9 +80,8 @@ def promote(
     `evaluate(cfg, model_uri) -> {domain: mR}` is a seam for tests; the default evaluates
     the real model. Returns the decision as a JSON-able dict.
     """
+    import mlflow
     from mlflow import MlflowClient
-
-    from urbancross.tracking import check_tracking_server, configure
 
     name = name or cfg.mlflow.registered_model
     uri = configure(cfg)
@@ -95,8 +95,6 @@ def promote(
     current = _champion_version(client, name)
     champion = evaluate(cfg, f"models:/{name}@{CHAMPION}") if current is not None else None
     ok, reason = decide(candidate, champion, cfg.promote.margin, cfg.promote.max_domain_drop)
-
-    import mlflow
 
     version = mlflow.register_model(source, name, tags={"source_run_id": run_id}).version
     try:

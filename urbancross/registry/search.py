@@ -2,7 +2,7 @@
 
 The index is one Parquet file (`image_id`, `domain`, `vector`), built by Ray Data batch
 inference: each actor loads the pyfunc model once (from `models:/NAME@alias`, `runs:/...`)
-and embeds images exactly as evaluation does (`evaluate.job.embed_batch`). The file
+and embeds images exactly as evaluation does (`model.embed.embed_rows`). The file
 records which model built it, and a query is refused if the dimensions disagree.
 """
 
@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from urbancross.atomic import write_file
 from urbancross.config import Config
+from urbancross.data.manifest import filter_rows, read_manifest
+from urbancross.model.embed import actor_map, embed_rows, numpy_batches
+from urbancross.model.inputs import ModelInputs
+from urbancross.model.pyfunc import load_urbancross
+from urbancross.tracking import configure
 
 log = logging.getLogger(__name__)
 
@@ -29,29 +33,19 @@ class IndexEmbedder:
     """Ray Data actor: the pyfunc model, loaded once, -> `image_id`, `domain`, `image` vectors."""
 
     def __init__(self, model_uri: str, cfg: Config, manifest: str):
-        from urbancross.data.ingest import ModelInputs
-        from urbancross.evaluate.job import with_model
-        from urbancross.registry.pyfunc import load_urbancross
-        from urbancross.tracking import configure
-
         configure(cfg)  # a Ray worker does not inherit the driver's tracking URI (models:/ needs it)
         self.model, model_cfg = load_urbancross(model_uri)
-        self.cfg = with_model(cfg, model_cfg, manifest)
+        self.cfg = cfg.override({"model": model_cfg.model, "data.manifest": manifest}, where=f"{model_uri} on {manifest}")
         self.inputs = ModelInputs(self.cfg, train=False, keep_ids=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from urbancross.evaluate.job import embed_batch
-
-        return embed_batch(self.model, self.inputs, batch, self.cfg, texts=False)
+        return embed_rows(self.model, self.inputs, batch, self.cfg, texts=False)
 
 
 def build_index(
     model_uri: str, manifest: str, out: str, cfg: Config, *, split: str | None = None, use_ray: bool = True
 ) -> dict[str, Any]:
     """Embed the images of `manifest` (one split or all) and write the index to `out` atomically."""
-    from urbancross.data.manifest import filter_rows, read_manifest
-    from urbancross.evaluate.job import actor_map, numpy_batches
-
     table = read_manifest(manifest)
     if split:
         table = filter_rows(table, split=split)
@@ -79,16 +73,7 @@ def write_index(ids, domains, vectors: np.ndarray, out: str, model_uri: str) -> 
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
         }
     ).replace_schema_metadata({MODEL_KEY: model_uri.encode()})
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file(out, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_index(path: str) -> tuple[list[str], list[str], np.ndarray, str]:

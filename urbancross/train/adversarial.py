@@ -7,9 +7,10 @@ DeepSpeed ZeRO-2 works (the discriminator has its own lr through a param group).
 
 `mode="grl"`: every step trains the discriminator on the domain labels and, through the
 reversal layer scaled by the adversarial weight, pushes the encoders the other way.
-`mode="alternating"`: even optimizer steps train only the discriminator (detached
-embeddings), odd steps train only the encoders against a frozen discriminator (flipped
-labels, weighted) -- the same single engine, toggling which loss term is applied.
+`mode="alternating"`: even optimizer steps train the discriminator on detached embeddings
+(the encoders get only the retrieval loss), odd steps train the encoders against a frozen
+discriminator (flipped labels, weighted) plus the retrieval loss -- the same single engine,
+toggling which adversarial term is applied. The retrieval loss is in every step of both modes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from urbancross.train.objective import embed_batch
+from urbancross.loss import retrieval_loss
+from urbancross.model.embed import embed_batch
 
 # --------------------------------------------------------------------------- reversal + discriminator
 
@@ -112,6 +114,31 @@ def selection_window(
     return start, start + select_fraction
 
 
+class AdaptSchedule:
+    """Stage 2's schedule, one object for every loop that adapts (Ray Train, bench controls).
+
+    From `adapt` settings and the optimizer steps in one pass over the source: the selection
+    window of a pass (`window(epoch)`), and at step `i` of that pass the adversarial weight
+    (`weight(epoch, i)`, progress = (epoch + min(i / steps_per_epoch, 1)) / epochs) and what
+    optimizer step number `global_step` trains (`phase(global_step)`).
+    """
+
+    def __init__(self, cfg, steps_per_epoch: int):
+        self.cfg = cfg
+        self.steps_per_epoch = max(1, int(steps_per_epoch))
+
+    def window(self, epoch: int) -> tuple[float, float]:
+        a = self.cfg
+        return selection_window(epoch, a.epochs, a.select_fraction, a.slices, a.curriculum_length, a.curriculum)
+
+    def weight(self, epoch: int, i: int) -> float:
+        a = self.cfg
+        return adversarial_weight((epoch + min(i / self.steps_per_epoch, 1.0)) / a.epochs, a.schedule, a.max_weight, a.gamma)
+
+    def phase(self, global_step: int) -> str:
+        return step_phase(self.cfg.mode, global_step)
+
+
 # --------------------------------------------------------------------------- source weighting
 
 
@@ -186,8 +213,6 @@ class AdaptObjective(nn.Module):
         phase: str = "grl",
         embed: bool = False,
     ):
-        from urbancross.loss import retrieval_loss
-
         if embed:  # validation: `embed_batch` of `source`
             return embed_batch(self.model, source)
 

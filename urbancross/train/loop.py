@@ -28,6 +28,7 @@ difficulty: {"keys", "values"}), `steps_per_epoch` (adapt: for the schedule's pr
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import logging
 import os
@@ -43,7 +44,11 @@ import torch.distributed as dist
 from torch import nn
 
 from urbancross.config import Config, config_from_dict
-from urbancross.train.adversarial import AdaptObjective, adversarial_weight, selection_window, step_phase
+from urbancross.data.ingest import pick_caption
+from urbancross.evaluate.metrics import retrieval_metrics
+from urbancross.model.factory import create_model, save_model
+from urbancross.tracking import log_metrics, mlflow_run
+from urbancross.train.adversarial import AdaptObjective, AdaptSchedule
 from urbancross.train.curriculum import Curriculum, keep_mask, margin_difficulty, update_scores
 from urbancross.train.deepspeed_config import deepspeed_config, use_bf16
 from urbancross.train.objective import RetrievalObjective, restore_scalars, vectorize_scalars
@@ -161,8 +166,6 @@ def _rebatch(batches: Iterable[dict], keep: Callable[[torch.Tensor], np.ndarray]
 
 def _prepare(batch: dict, w: Worker, epoch: int, seed: int, one_caption: bool = True) -> dict:
     """Move to the device, cast floats to the engine's precision, pick this epoch's caption."""
-    from urbancross.data.ingest import pick_caption
-
     out = {}
     for k, v in batch.items():
         if not torch.is_tensor(v):
@@ -264,11 +267,7 @@ def save_and_report(engine, w: Worker, metrics: dict, client: dict, curriculum: 
 
 def export_model(engine, model: nn.Module, scalars: list[str], path: str, w: Worker) -> None:
     """Rank 0 writes the plain fp32 state dict of a fresh-model layout (ZeRO-3: gathered first)."""
-    import copy
-
     import deepspeed
-
-    from urbancross.model.factory import save_model
 
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
         if w.rank == 0:
@@ -284,8 +283,6 @@ def export_model(engine, model: nn.Module, scalars: list[str], path: str, w: Wor
 @torch.no_grad()
 def validate(engine, shard, cfg: Config, w: Worker) -> dict[str, float]:
     """Retrieval metrics (mR, R@k) on the validation slice; every rank runs it (ZeRO-3 safe)."""
-    from urbancross.evaluate import retrieval_metrics
-
     if shard is None:
         return {}
     engine.eval()
@@ -310,10 +307,33 @@ def tracking(cfg: Config, run_id: str | None, w: Worker):
     if w.rank != 0 or not run_id:
         yield lambda metrics, step: None
         return
-    from urbancross.tracking import log_metrics, mlflow_run
-
     with mlflow_run(cfg, "", run_id=run_id):
         yield log_metrics
+
+
+def end_epoch(
+    engine, w: Worker, cfg: Config, stage: str, epoch: int, epochs: int, values: dict, *, val, log_metrics,
+    started: float, start: tuple[int, int], client: dict, curriculum: dict | None = None,
+) -> dict:
+    """An epoch's tail, the same for both stages: metrics (+ validation), MLflow, checkpoint, log line.
+
+    `values`: the stage's own metrics; `started`: the epoch's `perf_counter()` start;
+    `start`: (epoch, step) this fit started from. Returns the metrics reported to Ray Train.
+    """
+    metrics = {
+        "epoch": epoch + 1,
+        "step": int(engine.global_steps),
+        **values,
+        "epoch_seconds": time.perf_counter() - started,
+        "start_epoch": start[0],
+        "start_step": start[1],
+        **validate(engine, val, cfg, w),
+    }
+    log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "start_epoch", "start_step")}, epoch + 1)
+    save_and_report(engine, w, metrics, client, curriculum)
+    if w.rank == 0:
+        log.info("%s epoch %d/%d: %s", stage, epoch + 1, epochs, _fmt(metrics))
+    return metrics
 
 
 # --------------------------------------------------------------------------- stage 1
@@ -343,8 +363,6 @@ def rescore(engine, shard, cfg: Config, w: Worker, epoch: int, scores: dict[int,
 def train_loop_per_worker(config: dict) -> dict:
     """Stage 1: retrieval training with adaptive curriculum sampling."""
     import ray.train
-
-    from urbancross.model.factory import create_model
 
     cfg = config_from_dict(config["cfg"], where="<train loop>")
     w = Worker(cfg, config.get("local_checkpoints"))
@@ -380,22 +398,15 @@ def train_loop_per_worker(config: dict) -> dict:
             samples += int(w.all_mean(rows) * w.world)
             if curriculum.rescore_due(epoch):
                 curriculum.scores = rescore(engine, shard, cfg, w, epoch, curriculum.scores)
-            metrics = {
-                "epoch": epoch + 1,
-                "step": int(engine.global_steps),
+            values = {
                 "samples": samples,
                 "loss": w.all_mean(float(np.mean(losses)) if losses else 0.0),
                 "curriculum_fraction": curriculum.fraction(epoch),
-                "epoch_seconds": time.perf_counter() - t0,
-                "start_epoch": start_epoch,
-                "start_step": start_step,
-                **validate(engine, val, cfg, w),
             }
-            log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "start_epoch", "start_step")}, epoch + 1)
-            client = {"epoch": epoch + 1, "samples": samples}
-            save_and_report(engine, w, metrics, client, curriculum.state())
-            if w.rank == 0:
-                log.info("train epoch %d/%d: %s", epoch + 1, cfg.train.epochs, _fmt(metrics))
+            metrics = end_epoch(
+                engine, w, cfg, "train", epoch, cfg.train.epochs, values, val=val, log_metrics=log_metrics, started=t0,
+                start=(start_epoch, start_step), client={"epoch": epoch + 1, "samples": samples}, curriculum=curriculum.state(),
+            )
     export_model(engine, model, scalars, config["model_path"], w)
     w.close()
     return metrics
@@ -427,8 +438,8 @@ def _cycle(make: Callable[[], Iterable[dict]]) -> Iterator[dict]:
     """Endless batches: re-iterate this rank's target shard whenever it runs out.
 
     The target is split like the source (equal shards), so every rank starts a new pass at
-    the same step; a per-rank full copy re-executed beside the source split cost 25-30 s
-    per epoch here (6-20 s split).
+    the same step; a per-rank full copy would be re-executed beside the source split every
+    epoch.
     """
     for _ in itertools.count():
         empty = True
@@ -443,8 +454,6 @@ def adapt_loop_per_worker(config: dict) -> dict:
     """Stage 2: weighted adversarial fine-tuning, source batch + target batch per step."""
     import ray.train
 
-    from urbancross.model.factory import create_model
-
     cfg = config_from_dict(config["cfg"], where="<adapt loop>")
     a = cfg.adapt
     w = Worker(cfg, config.get("local_checkpoints"))
@@ -458,21 +467,21 @@ def adapt_loop_per_worker(config: dict) -> dict:
     start_epoch, start_step = int(client.get("epoch", 0)), int(engine.global_steps)
     source, target = ray.train.get_dataset_shard("source"), ray.train.get_dataset_shard("target")
     val = _optional_shard("val")
-    steps_per_epoch = max(1, int(config.get("steps_per_epoch") or 1))
+    schedule = AdaptSchedule(a, int(config.get("steps_per_epoch") or 1))
     on_step = config.get("on_step")
     metrics: dict[str, float] = {}
     with tracking(cfg, config.get("run_id"), w) as log_metrics:
         for epoch in range(start_epoch, _last_epoch(a.epochs, config)):
             t0 = time.perf_counter()
-            window = selection_window(epoch, a.epochs, a.select_fraction, a.slices, a.curriculum_length, a.curriculum)
+            window = schedule.window(epoch)
             targets = _cycle(lambda: _iter(target, cfg, epoch, w.rank))
             sums: dict[str, float] = {}
             n = 0
             for i, batch in enumerate(_synced(w, _iter(source, cfg, epoch, w.rank))):
-                weight = adversarial_weight((epoch + min(i / steps_per_epoch, 1.0)) / a.epochs, a.schedule, a.max_weight, a.gamma)
+                weight = schedule.weight(epoch, i)
                 src = _prepare(batch, w, epoch, cfg.seed)
                 tgt = _prepare(next(targets), w, epoch, cfg.seed)
-                loss, logs = engine(src, tgt, weight, window, step_phase(a.mode, engine.global_steps))
+                loss, logs = engine(src, tgt, weight, window, schedule.phase(engine.global_steps))
                 engine.backward(loss)
                 engine.step()
                 for k, v in {"loss": loss.detach(), "adv_weight": weight, **logs}.items():
@@ -480,20 +489,11 @@ def adapt_loop_per_worker(config: dict) -> dict:
                 n += 1
                 if on_step is not None:
                     on_step(rank=w.rank, epoch=epoch, step=int(engine.global_steps))
-            metrics = {
-                "epoch": epoch + 1,
-                "step": int(engine.global_steps),
-                **{k: w.all_mean(v / max(n, 1)) for k, v in sums.items()},
-                "window_start": window[0],
-                "epoch_seconds": time.perf_counter() - t0,
-                "start_epoch": start_epoch,
-                "start_step": start_step,
-                **validate(engine, val, cfg, w),
-            }
-            log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "start_epoch", "start_step")}, epoch + 1)
-            save_and_report(engine, w, metrics, {"epoch": epoch + 1})
-            if w.rank == 0:
-                log.info("adapt epoch %d/%d: %s", epoch + 1, a.epochs, _fmt(metrics))
+            values = {**{k: w.all_mean(v / max(n, 1)) for k, v in sums.items()}, "window_start": window[0]}
+            metrics = end_epoch(
+                engine, w, cfg, "adapt", epoch, a.epochs, values, val=val, log_metrics=log_metrics, started=t0,
+                start=(start_epoch, start_step), client={"epoch": epoch + 1},
+            )
     export_model(engine, model, scalars, config["model_path"], w)
     w.close()
     return metrics

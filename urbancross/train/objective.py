@@ -1,4 +1,4 @@
-"""What the DeepSpeed engine runs: model + loss in one module (stage 1), and embedding.
+"""What the DeepSpeed engine runs: model + loss in one module (stage 1).
 
 Every forward that touches parameters goes through the engine's module, so ZeRO-3 (which
 gathers parameters in module hooks) and the collectives stay in step on all ranks.
@@ -6,8 +6,10 @@ gathers parameters in module hooks) and the collectives stay in step on all rank
 
 from __future__ import annotations
 
-import torch
 from torch import nn
+
+from urbancross.loss import retrieval_loss
+from urbancross.model.embed import embed_batch
 
 
 def vectorize_scalars(module: nn.Module) -> list[str]:
@@ -35,18 +37,6 @@ def restore_scalars(module: nn.Module, names: list[str]) -> nn.Module:
     return module
 
 
-def embed_batch(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(retrieval image embeddings [B,D], text embeddings [B*C,D] of all C captions per image).
-
-    `batch["tokens"]` is [B,C,L] (every caption) or [B,L] (one per image).
-    """
-    tokens = batch["tokens"]
-    first = tokens[:, 0] if tokens.dim() == 3 else tokens
-    out = model(batch["images"], first, batch.get("segments"), batch.get("segment_mask"))
-    texts = model.encode_text(tokens.flatten(0, 1)) if tokens.dim() == 3 else out["text"]
-    return out["fused"], texts
-
-
 class RetrievalObjective(nn.Module):
     """forward(batch) -> (loss, parts); forward(batch, embed=True) -> `embed_batch`."""
 
@@ -56,8 +46,6 @@ class RetrievalObjective(nn.Module):
         self.loss_cfg = loss_cfg
 
     def forward(self, batch: dict, embed: bool = False):
-        from urbancross.loss import retrieval_loss
-
         if embed:
             return embed_batch(self.model, batch)
         out = self.model(batch["images"], batch["tokens"], batch.get("segments"), batch.get("segment_mask"))

@@ -28,9 +28,12 @@ import pyarrow.compute as pc
 
 from urbancross.atomic import write_json
 from urbancross.config import Config, ConfigError, local_absolute, save_config
-from urbancross.data.ingest import ModelInputs, caption_texts, read_split, sample_key
+from urbancross.data.ingest import caption_texts, read_split, sample_key
 from urbancross.data.manifest import ManifestError, read_manifest
+from urbancross.model.inputs import ModelInputs
+from urbancross.tracking import log_json_artifact, mlflow_run
 from urbancross.train.curriculum import caption_complexity
+from urbancross.train.loop import adapt_loop_per_worker, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +153,8 @@ def model_inputs(cfg: Config, table: pa.Table, train: bool):
 def validation_inputs(cfg: Config, table: pa.Table | None):
     """Validation rows decoded once, held in the object store (they are few and never augmented).
 
-    Re-executing a small per-worker dataset every epoch next to the training split stalled
-    each following training epoch by about 10 s (Ray 2.60, 2 CPUs: 11 s -> 1.7 s per epoch).
+    Re-executing a small per-worker dataset every epoch next to the training split stalls the
+    training epoch that follows it (Ray 2.60).
     """
     return None if table is None else model_inputs(cfg, table, train=False).materialize()
 
@@ -197,8 +200,7 @@ def _fit(
     """Create/resume the MLflow run, fit, and record the result (the loop exports the model)."""
     import ray
 
-    from urbancross.registry.pyfunc import log_model
-    from urbancross.tracking import log_json_artifact, mlflow_run
+    from urbancross.model.pyfunc import log_model  # imports mlflow: only the driver needs it, not the Train workers
 
     if not ray.is_initialized():
         ray.init()
@@ -251,8 +253,6 @@ def run_train(cfg: Config, resume: bool = False, **options) -> dict:
     unknown = set(options) - OPTIONS
     if unknown:
         raise TypeError(f"run_train: unknown options {sorted(unknown)}")
-    from urbancross.train.loop import train_loop_per_worker
-
     cfg = absolute_paths(cfg)
     state = run_state(cfg, "train", resume)
     domain = {"": cfg.data.source_domain, "all": None}.get(cfg.train.domain, cfg.train.domain)
@@ -280,8 +280,6 @@ def run_adapt(cfg: Config, resume: bool = False, **options) -> dict:
     unknown = set(options) - OPTIONS
     if unknown:
         raise TypeError(f"run_adapt: unknown options {sorted(unknown)}")
-    from urbancross.train.loop import adapt_loop_per_worker
-
     cfg = absolute_paths(cfg)
     if cfg.adapt.mode == "alternating" and cfg.train.zero_stage == 3:
         raise ConfigError("adapt.mode=alternating needs full discriminator weights on each rank: use train.zero_stage <= 2")

@@ -28,6 +28,8 @@ from typing import Any, Callable, Mapping
 
 from urbancross.atomic import write_json
 from urbancross.config import Config, ConfigError, config_from_dict, save_config
+from urbancross.tracking import configure, log_json_artifact, mlflow_run
+from urbancross.train.trainer import RUN_FILE, absolute_paths, run_adapt, run_train, stage1_model
 from urbancross.tune.space import Space, load_space
 
 log = logging.getLogger("urbancross.tune")
@@ -90,8 +92,6 @@ def child_run_id(cfg: Config, parent_run_id: str, trial_id: str, trial_name: str
     """Find this trial's child run under the parent, or create it (logging the trial's config)."""
     import mlflow
 
-    from urbancross.tracking import configure, mlflow_run
-
     configure(cfg)
     client = mlflow.MlflowClient()
     experiment_id = client.get_run(parent_run_id).info.experiment_id
@@ -106,8 +106,6 @@ def child_run_id(cfg: Config, parent_run_id: str, trial_id: str, trial_name: str
 
 def _parent_run_id(cfg: Config, exp_dir: Path, space: Space) -> str:
     """The sweep's parent run: reused from the experiment folder when the sweep resumes."""
-    from urbancross.tracking import mlflow_run
-
     path = exp_dir / PARENT_FILE
     if path.exists():
         return json.loads(path.read_text())["run_id"]
@@ -122,15 +120,11 @@ def _parent_run_id(cfg: Config, exp_dir: Path, space: Space) -> str:
 
 
 def default_runner(stage: str) -> Runner:
-    from urbancross.train.trainer import run_adapt, run_train
-
     return run_adapt if stage == "adapt" else run_train
 
 
 def _pin_run(cfg: Config, stage: str, name: str, mlflow_run_id: str) -> None:
     """Make the stage's `resume=True` use Train run `name` and log into the trial's MLflow run."""
-    from urbancross.train.trainer import RUN_FILE
-
     write_json(Path(cfg.out_dir) / stage / RUN_FILE, {"name": name, "mlflow_run_id": mlflow_run_id})
 
 
@@ -225,8 +219,6 @@ def _tuner(cfg: Config, space: Space, exp_dir: Path, parent_run_id: str, runner:
 def sweep_base(cfg: Config, space: Space) -> Config:
     """The config every trial starts from: space hints applied, paths absolute, the MLflow
     store pinned and (adapt) the stage-1 model resolved, since each trial gets its own out_dir."""
-    from urbancross.train.trainer import absolute_paths, stage1_model
-
     cfg = absolute_paths(space.sweep_config(cfg))
     check_sweepable(cfg.override(space.fixed(), where=space.path))
     return cfg.override({"adapt.checkpoint": stage1_model(cfg)}) if space.stage == "adapt" else cfg
@@ -281,8 +273,6 @@ def pick_best(trials: list[dict], mode: str) -> dict | None:
 
 def _log_summary(cfg: Config, parent_run_id: str, summary: dict, best_path: Path) -> None:
     import mlflow
-
-    from urbancross.tracking import configure, log_json_artifact
 
     configure(cfg)
     with mlflow.start_run(run_id=parent_run_id):

@@ -20,8 +20,12 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import torch
 
 from urbancross.config import Config, load_config, save_config
+from urbancross.data.manifest import decode_image
+from urbancross.model.embed import embed_images
+from urbancross.model.factory import create_model, get_tokenizer, image_transform
 
 REQUIREMENTS = ("torch", "torchvision", "open_clip_torch", "mlflow", "pandas", "pillow", "pyyaml", "pyarrow")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -46,19 +50,12 @@ class UrbanCrossPyfunc(mlflow.pyfunc.PythonModel):
     """Text or image bytes -> embeddings; `model`/`cfg` are exposed for batch jobs (index, promote)."""
 
     def load_context(self, context) -> None:
-        from urbancross.model.factory import create_model, get_tokenizer, image_transform
-
         self.cfg = load_config(context.artifacts["config"])
         self.model = create_model(self.cfg.model, pretrained=context.artifacts["weights"]).eval()
         self.tokenize = get_tokenizer(self.cfg.model)
         self.transform = image_transform(self.cfg.model, train=False)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
-        import torch
-
-        from urbancross.data.manifest import decode_image
-        from urbancross.evaluate.job import embed_images
-
         given = [c for c in ("text", "image") if c in model_input.columns and model_input[c].notna().all()]
         if len(given) != 1:
             raise ValueError(f"input needs exactly one of the columns `text` or `image` (no nulls); got {list(model_input.columns)}")
@@ -78,8 +75,6 @@ def log_model(model_path: str, cfg: Config, name: str = "model") -> str:
     Call inside an active MLflow run (e.g. `tracking.mlflow_run`). The version in the
     registry is created later by `urbancross promote --run RUN_ID` from `runs:/RUN_ID/<name>`.
     """
-    from urbancross.model.factory import create_model
-
     embed_dim = int(create_model(cfg.model, pretrained=model_path).embed_dim)
     with tempfile.TemporaryDirectory() as tmp:
         config_path = os.path.join(tmp, "config.yaml")
