@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,8 +46,11 @@ def main() -> None:
 
     from urbancross.config import load_config
     from urbancross.data.synth import synthesize
-    from urbancross.preprocess import run_preprocess, save_tiny_instructblip
+    from urbancross.preprocess import run_preprocess
     from urbancross.preprocess.pipeline import resolve_paths
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # test scaffolding: the tiny LMM
+    from tiny_lmm import save_tiny_instructblip
 
     tmp = Path(tempfile.mkdtemp(prefix="preprocess-bench-"))
     cfg = load_config(None, [

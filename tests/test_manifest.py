@@ -1,4 +1,3 @@
-import io
 
 import pyarrow as pa
 import pyarrow.dataset as ds

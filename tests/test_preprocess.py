@@ -11,17 +11,19 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from tiny_lmm import save_tiny_instructblip  # tests/ helper
 from urbancross.cli import main
 from urbancross.config import ConfigError, RefineConfig, SamConfig, load_config
 from urbancross.data.manifest import MANIFEST_SCHEMA, decode_image, read_manifest, to_table, write_manifest
+from urbancross.embedded import ensure_tiny_sam
 from urbancross.preprocess.pipeline import (
     StageActor,
-    with_status,
     load_image,
-    rejects_path,
     parts_path,
+    rejects_path,
     run_guarded,
     run_preprocess,
+    with_status,
 )
 from urbancross.preprocess.refine import (
     Passthrough,
@@ -30,12 +32,10 @@ from urbancross.preprocess.refine import (
     choose_captions,
     format_prompt,
     repeat_fraction,
-    save_tiny_instructblip,
 )
 from urbancross.preprocess.sam import (
     Segmenter,
     best,
-    ensure_tiny_sam,
     grid_masks,
     largest,
     load_sam,

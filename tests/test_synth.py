@@ -140,7 +140,7 @@ def test_moving_the_lake_across_the_river_changes_the_captions():
 
 def test_perturb_keeps_element_kinds_and_changes_the_facts():
     rng = np.random.default_rng(2)
-    for domain, style in S.STYLES.items():
+    for style in S.STYLES.values():
         for _ in range(30):
             scene = S.make_scene(rng, style)
             near = S.perturb(scene, rng, style)

@@ -35,7 +35,6 @@ from typing import Any, Iterable, Mapping
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 MANIFEST_SCHEMA = pa.schema(
     [

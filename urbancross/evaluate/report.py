@@ -8,11 +8,11 @@ Pure functions of the evaluation records, so the report can be rebuilt from a sa
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
+
+from urbancross import atomic
 
 Record = dict[str, Any]
 
@@ -74,7 +74,7 @@ def plot_heatmap(records: Sequence[Record], path: str | os.PathLike, metric: str
             if not np.isnan(v):
                 ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="white" if v < 60 else "black")
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    atomic.write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -83,22 +83,9 @@ def write_report(records: Sequence[Record], out_dir: str | os.PathLike, stem: st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {kind: str(out / f"{stem}.{kind}") for kind in ("json", "md", "png")}
-    text = json.dumps(list(records), indent=2, sort_keys=True)
-    _atomic(paths["json"], lambda tmp: Path(tmp).write_text(text))
-    md = to_markdown(records)
-    _atomic(paths["md"], lambda tmp: Path(tmp).write_text(md))
+    atomic.write_json(paths["json"], list(records), indent=2, sort_keys=True)
+    atomic.write_text(paths["md"], to_markdown(records))
     plot_heatmap(records, paths["png"])
     return paths
 
 
-def _atomic(path: str | os.PathLike, write) -> None:
-    """Call `write(tmp_path)` beside `path`, then rename: readers never see a partial file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

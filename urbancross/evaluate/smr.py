@@ -23,7 +23,6 @@ Cost: one top-k per query in each direction, chunked; memory: one output copy of
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 

@@ -6,29 +6,26 @@ given a pretrained *tag*, so no code path here can start a download.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from copy import deepcopy
 from pathlib import Path
 from typing import Callable
 
 import open_clip
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from open_clip.factory import _MODEL_CONFIGS, get_model_config, load_state_dict
+from open_clip.factory import get_model_config, load_state_dict
 from torchvision import transforms as T
 
+from urbancross import atomic
 from urbancross.config import ModelConfig
 from urbancross.model.model import UrbanCrossModel
 
 log = logging.getLogger(__name__)
 
-TINY_NAME = "urbancross-tiny"
-TINY_CONFIG = {  # the embedded benchmark: 64 px RGB, captions of up to ~60 tokens
-    "embed_dim": 128,
-    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "head_width": 32, "layers": 3},
-    "text_cfg": {"context_length": 64, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
-}
+TINY_CONFIG = Path(__file__).with_name("urbancross-tiny.json")  # the embedded benchmark: 64 px RGB, short captions
+TINY_NAME = TINY_CONFIG.stem  # open_clip names a model config after its file
 
 # preset -> what it is for. Checkpoints fine-tuned from OpenAI CLIP weights (RemoteCLIP, GeoRSCLIP
 # ViT-B-32) were trained with QuickGELU: they load into the plain presets without a key error but
@@ -53,9 +50,14 @@ def open_clip_name(cfg: ModelConfig) -> str:
         raise ValueError(f"model.preset: unknown preset {cfg.preset!r}; choose one of: {', '.join(PRESETS)}")
     if cfg.preset != "tiny":
         return cfg.preset
-    # open_clip's public `add_model_config` only reads JSON files; the registry is this dict.
-    _MODEL_CONFIGS.setdefault(TINY_NAME, deepcopy(TINY_CONFIG))
+    _register_tiny()
     return TINY_NAME
+
+
+@functools.cache
+def _register_tiny() -> None:
+    """Add the packaged tiny config to open_clip's model configs (once per process)."""
+    open_clip.add_model_config(TINY_CONFIG)
 
 
 def _open_clip_config(cfg: ModelConfig) -> dict:
@@ -162,9 +164,5 @@ def _check_fit(module: torch.nn.Module, state: dict, path: str, preset: str) -> 
 
 def save_model(model: UrbanCrossModel, path: str | os.PathLike) -> None:
     """Write the full state dict atomically; `create_model(cfg, pretrained=path)` loads it back."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state}, tmp)
-    os.replace(tmp, path)
+    atomic.write_file(path, lambda tmp: torch.save({"state_dict": state}, tmp))

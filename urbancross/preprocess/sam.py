@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
-from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -23,63 +21,15 @@ from PIL import Image
 
 from urbancross.config import Config, ConfigError, ModelConfig, SamConfig
 from urbancross.data.manifest import encode_png
+from urbancross.embedded import build_sam_tiny, ensure_tiny_sam
+from urbancross.model.factory import create_model, get_tokenizer, image_transform
 
 # Scores candidate segments (PIL images) against an image's captions; higher = more relevant.
 Scorer = Callable[[list[Image.Image], list[str]], np.ndarray]
 
-TINY_IMAGE_SIZE = 256  # the tiny SAM's encoder input; SAM resizes every image to this side
 
 
 # --------------------------------------------------------------------------- model loading
-
-
-def build_sam_tiny(checkpoint: str | None = None):
-    """A small SAM (ViT depth 2, width 64, 256 px) laid out like `segment_anything.build_sam._build_sam`.
-
-    `_build_sam` fixes a 1024 px encoder, which takes ~10 s per image on a CPU even at
-    width 64; this builder changes only the sizes and loads a checkpoint the same way.
-    """
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
-    prompt_dim, patch = 64, 16
-    grid = TINY_IMAGE_SIZE // patch
-    sam = Sam(
-        image_encoder=ImageEncoderViT(
-            depth=2,
-            embed_dim=64,
-            img_size=TINY_IMAGE_SIZE,
-            mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=2,
-            patch_size=patch,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=[1],
-            window_size=14,
-            out_chans=prompt_dim,
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=prompt_dim,
-            image_embedding_size=(grid, grid),
-            input_image_size=(TINY_IMAGE_SIZE, TINY_IMAGE_SIZE),
-            mask_in_chans=16,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_dim, mlp_dim=128, num_heads=2),
-            transformer_dim=prompt_dim,
-            iou_head_depth=3,
-            iou_head_hidden_dim=64,
-        ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
-    )
-    sam.eval()
-    if checkpoint is not None:
-        with open(checkpoint, "rb") as f:
-            state_dict = torch.load(f)
-        sam.load_state_dict(state_dict)
-    return sam
 
 
 def sam_builders() -> dict[str, Callable]:
@@ -94,22 +44,6 @@ def load_sam(model_type: str, checkpoint: str):
     if not os.path.isfile(checkpoint):
         raise ConfigError(f"preprocess.sam.checkpoint: no such file {checkpoint!r}")
     return sam_builders()[model_type](checkpoint=checkpoint)
-
-
-def ensure_tiny_sam(path: str | os.PathLike, seed: int = 0) -> str:
-    """Write a random-init tiny SAM checkpoint at `path` unless one is there; returns the path.
-
-    Random weights give arbitrary masks, which is enough to exercise the real code path
-    (no weights can be downloaded here); the grid fill covers images with too few masks.
-    """
-    path = Path(path)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(seed)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        torch.save(build_sam_tiny().state_dict(), tmp)
-        os.replace(tmp, path)
-    return str(path)
 
 
 def resolve_checkpoint(cfg: Config) -> str:
@@ -192,8 +126,6 @@ class ClipScorer:
     """Cosine similarity of each segment to the mean of the image's caption embeddings."""
 
     def __init__(self, model_cfg: ModelConfig, device: str = "cpu"):
-        from urbancross.model.factory import create_model, get_tokenizer, image_transform
-
         self.device = device
         self.model = create_model(model_cfg).eval().to(device)
         self.tokenize = get_tokenizer(model_cfg)
