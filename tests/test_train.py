@@ -163,6 +163,21 @@ def test_train_in_process_curriculum_checkpoint_export_mlflow(trained):
     assert run.data.params["train.epochs"] == "2" and "val_mR" in run.data.metrics
 
 
+def test_a_stage_saves_the_config_it_ran_with(trained, tmp_path, monkeypatch):
+    """`<out_dir>/train/config.yaml` is the config the stage used (absolute paths, MLflow store
+    pinned): a later command takes it as is, from any working directory."""
+    from urbancross.evaluate.job import model_entries
+
+    cfg, result = trained
+    saved = os.path.join(cfg.out_dir, "train", "config.yaml")
+    monkeypatch.chdir(tmp_path)
+    used = load_config(saved)
+    assert used.data.manifest == cfg.data.manifest and os.path.isabs(used.data.manifest)
+    assert used.out_dir == str(cfg.out_dir) and used.mlflow.tracking_uri == cfg.tracking_uri()
+    assert used.override({"mlflow.tracking_uri": ""}) == cfg  # nothing else changed
+    assert model_entries(used)["source"]["path"] == result["model_path"]
+
+
 @pytest.mark.ray
 def test_adapt_in_process_alternating_zero2(trained):
     from urbancross.model.factory import create_model

@@ -345,8 +345,7 @@ def test_asha_sweep_logs_child_runs_and_writes_a_best_config_that_trains(ray_ses
     best = load_config(summary["best_config"])
     assert best.train.curriculum.pacing == summary["best_params"]["train.curriculum.pacing"]
     assert best.out_dir == str(Path(cfg.out_dir).resolve()) and best.mlflow.tracking_uri == cfg.mlflow.tracking_uri
-    best.out_dir, best.train.epochs = str(tmp_path / "retrain"), 1
-    result = run_train(best)
+    result = run_train(best.override({"out_dir": str(tmp_path / "retrain"), "train.epochs": 1}))
     assert result["metrics"]["epoch"] == 1 and Path(result["model_path"]).is_file()
 
 
