@@ -7,6 +7,7 @@ see ready tensors. The same class serves training (augmented) and inference (not
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from typing import Any
 
@@ -14,6 +15,8 @@ import numpy as np
 
 from urbancross.config import Config
 from urbancross.data.manifest import ManifestError, decode_image, filter_rows, image_bytes, read_manifest
+
+log = logging.getLogger(__name__)
 
 CAPTIONS_PER_SAMPLE = 5  # the releases' 5 captions per image; fewer are cycled to fill
 
@@ -93,9 +96,24 @@ class ModelInputs:
 
 
 def read_split(cfg: Config, split: str, domain: str | None = None, manifest: str | None = None):
-    """One split (and domain) of the manifest as an Arrow table; empty is an error."""
-    table = read_manifest(manifest or cfg.data.manifest)
-    return filter_rows(table, split=split, domain=domain)
+    """One split (and domain) of the manifest as an Arrow table; empty is an error.
+
+    Images without any caption (kept by the importers, e.g. RSITMD's blank caption lines)
+    can be neither trained on nor queried: they are left out here, and counted in the log.
+    """
+    import pyarrow.compute as pc
+
+    table = filter_rows(read_manifest(manifest or cfg.data.manifest), split=split, domain=domain)
+    has = pc.greater(pc.fill_null(pc.list_value_length(table["captions"]), 0), 0)
+    if cfg.data.use_refined_captions:
+        has = pc.or_(has, pc.greater(pc.fill_null(pc.list_value_length(table["refined_captions"]), 0), 0))
+    if not pc.all(has).as_py():
+        left_out = table.num_rows - pc.sum(has).as_py()
+        log.info("%s: %d %s image(s) without captions left out", manifest or cfg.data.manifest, left_out, split)
+        table = table.filter(has)
+    if table.num_rows == 0:
+        raise ManifestError(f"{manifest or cfg.data.manifest}: no {split} images with captions (domain={domain!r})")
+    return table
 
 
 def pick_caption(tokens, keys, epoch: int, seed: int):
