@@ -485,12 +485,17 @@ def test_scene_label_from_file_name(name, label):
     assert scene_label(name) == label
 
 
+def listed_release(root, files, names):
+    """A precomp train split listing `names` (one line per image, 5 captions each) over image `files`."""
+    stand_in_images(root / "images", files)
+    (root / "train_filename.txt").write_text("".join(n + "\n" for n in names))
+    (root / "train_caps.txt").write_text("".join(f"caption {i} .\n" for i in range(5 * len(names))))
+    return root
+
+
 def test_case_and_extension_mismatches_are_resolved_and_reported(tmp_path):
-    root = tmp_path / "RS"
-    root.mkdir()
-    stand_in_images(root / "images", ["airport_1.jpg", "Beach_2.JPG", "river_3.tif", "pond_4.png", "pond_4.jpg"])
-    (root / "train_filename.txt").write_text("Airport_1.jpg\nbeach_2.jpg\nriver_3.tiff\npond_4.tif\n")
-    (root / "train_caps.txt").write_text("".join(f"caption {i} .\n" for i in range(20)))
+    files = ["airport_1.jpg", "Beach_2.JPG", "river_3.tif", "pond_4.png", "pond_4.jpg"]
+    root = listed_release(tmp_path / "RS", files, ["Airport_1.jpg", "beach_2.jpg", "river_3.tiff", "pond_4.tif"])
     with pytest.raises(
         DatasetError,
         match=r"train_filename\.txt:4: image 'pond_4\.tif' is ambiguous .*\['pond_4\.jpg', 'pond_4\.png'\]",
@@ -541,15 +546,12 @@ def test_over_long_caption_is_capped_and_reported(tmp_path):
 
 
 def test_paths_escaping_the_images_folder_are_bad_rows(tmp_path):
-    root = tmp_path / "RS"
-    stand_in_images(root / "images", ["ok_1.jpg"])
     secret = tmp_path / "host" / "secret.png"
     secret.parent.mkdir()
     secret.write_bytes(image_bytes("PNG", color=(1, 2, 3)))
-    (root / "images" / "link_2.png").symlink_to(secret)
     names = ["ok_1.jpg", "../../host/secret.png", str(secret), "link_2.png"]
-    (root / "train_filename.txt").write_text("\n".join(names) + "\n")
-    (root / "train_caps.txt").write_text("".join(f"caption {i} .\n" for i in range(20)))
+    root = listed_release(tmp_path / "RS", ["ok_1.jpg"], names)
+    (root / "images" / "link_2.png").symlink_to(secret)
     with pytest.raises(
         DatasetError,
         match=r"train_filename\.txt:2: file name '\.\./\.\./host/secret\.png' resolves to .*outside the images folder",
