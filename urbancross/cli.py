@@ -239,11 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["urbancross", "precomp", "karpathy"],
         help="urbancross: the UrbanCross release (one folder per country); "
         "precomp: {split}_caps.txt + {split}_filename.txt (RSICD, RSITMD, UCM, Sydney); "
-        "karpathy: dataset_*.json with images[].filename/split/sentences[].raw",
+        "karpathy: dataset*.json with images[].filename/split/sentences[].raw",
     )
     p.add_argument("--root", required=True, metavar="DIR", help="folder of the dataset to import")
     p.add_argument("--out", required=True, metavar="DIR", help="manifest folder to write")
-    p.add_argument("--images", metavar="DIR", help="images folder (default: ROOT/images)")
+    p.add_argument(
+        "--images", metavar="DIR", help="images folder (default: ROOT/images, ROOT/imgs or the one ROOT/*_images)"
+    )
     p.add_argument("--domain", help="domain name for formats that do not carry one (default: ROOT's folder name)")
     p.add_argument(
         "--skip-bad",
