@@ -16,10 +16,11 @@ counts decide which, per split. Images are read from `--images`, else ROOT/image
 ROOT/imgs or the one ROOT/*_images folder (`rsicd_images`, `ucm_images`). The scene `label`
 is the file-name prefix (`mountain_2376.tif` -> `mountain`; null for `00001.jpg`, `1.tif`).
 
-`karpathy`: `dataset_*.json` (ROOT may name the file) with `images[].filename`,
+`karpathy`: `dataset*.json` (ROOT may name the file) with `images[].filename`,
 `images[].split` (`restval` counts as train, as in Karpathy's splits) and
 `images[].sentences[].raw`; an optional `filepath` is a sub-folder of the images folder
-(COCO). Images are read from `--images` or ROOT/images; `label` as for precomp.
+(COCO). Images are read from `--images` or the images folder beside the JSON, found as for
+precomp; `label` as for precomp. An entry naming an image already listed is merged with it.
 
 `urbancross`: the UrbanCross release, ROOT/{Finland,Germany,Spain}/ (or ROOT = one country
 folder) each with `images.zip`, `image_segments.zip` and
