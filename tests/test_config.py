@@ -169,7 +169,7 @@ def test_non_utf8_file_is_one_line_naming_the_file(tmp_path):
         ("train.lr=.nan", "train: lr must be > 0, got nan"),
         ("adapt.lr=.inf", "adapt: lr must be > 0, got inf"),
         ("train.cpus_per_worker=-1", "train: cpus_per_worker must be >= 0, got -1.0"),
-        ("data.num_segments=-1", "data: num_segments must be >= 0, got -1"),
+        ("data.num_segments=-1", "data: num_segments must be >= 1, got -1"),
         ("preprocess.sam.num_segments=0", "preprocess.sam: num_segments must be >= 1, got 0"),
         ("promote.margin=.inf", "promote: margin must be >= 0, got inf"),
         ("evaluate.ks=[1, -5]", "evaluate: ks must be >= 1, got (1, -5)"),

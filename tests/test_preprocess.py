@@ -307,3 +307,16 @@ def test_pipeline_writes_manifest_rejects_and_summary(ray_session, bench, tiny_l
     assert rejects["corrupt"]["stage"] == "sam" and "unreadable image" in rejects["corrupt"]["reason"]
     assert "mode I;16" in rejects["grey16"]["reason"] and rejects["grey16"]["source"] == "test:grey16"
     assert not (tmp_path / "out.parts").exists() and parts_path(str(out)).endswith("out.parts")
+
+
+def test_output_over_the_input_or_a_foreign_folder_is_refused_before_any_work(bench, tmp_path, capsys):
+    table, _ = bench
+    src = tmp_path / "in"
+    write_manifest(table.slice(0, 4), src)
+    base = ["preprocess", "--set", f"out_dir={tmp_path}", "--set", f"preprocess.input={src}"]
+    assert main([*base, "--set", f"preprocess.output={src}", "--overwrite"]) == 1  # would drop rejected rows
+    assert "is the input" in capsys.readouterr().err and read_manifest(src).num_rows == 4
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    assert main([*base, "--set", f"preprocess.output={tmp_path / 'notes'}"]) == 1
+    assert "not a manifest" in capsys.readouterr().err and (tmp_path / "notes" / "a.txt").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -305,3 +306,68 @@ def test_cli_prints_summary(tmp_path, capsys):
     assert summary["per_domain"]["Spain"] == {"images": 6, "captions": 30}
     assert summary["per_split"] == {"test": {"images": 6, "captions": 30}, "train": {"images": 12, "captions": 60}}
     assert ds.dataset(str(out), format="parquet").count_rows() == 18
+
+
+# --------------------------------------------------------------------------- labels, bad flags
+
+
+def rows_digest(cfg: SynthConfig) -> str:
+    """Everything a row held before `label` existed, hashed: tiles, captions, ids, splits, geo."""
+    h = hashlib.sha256()
+    for d in cfg.domains:
+        for r in S.domain_rows(cfg, d):
+            h.update(r["image"])
+            kept = [r[k] for k in ("image_id", "captions", "split", "lat", "lon", "geo_tags", "source")]
+            h.update(json.dumps(kept).encode())
+    return h.hexdigest()
+
+
+def test_label_left_every_tile_and_caption_byte_identical():
+    # digests taken on the code before `label` was added (commit dddbbf6)
+    assert rows_digest(small_cfg()) == "53dc72efd4e463a275918c8a57f470b6128c01249ef77c4c007f954bf28b5e23"
+    cfg = small_cfg(images_per_domain=12, seed=3, image_size=48)
+    assert rows_digest(cfg) == "760a00d831843702dfca44d68b5df7dc764b090ae365f65ea58ed13719d83102"
+
+
+def test_label_is_the_dominant_land_use():
+    assert S.scene_label(SCENE) == "building"  # three houses, one lake
+    two_each = Scene("Finland", (el("tree", 0, 0), el("tree", 0, 1), el("lake", 3, 3), el("lake", 3, 2)), None, 1)
+    assert S.scene_label(two_each) == "tree"  # a tie goes to the earlier kind in KINDS
+    rows = S.domain_rows(small_cfg(images_per_domain=20), "Spain")
+    for r in rows:
+        counts = Counter(parse_counts(r["captions"][0]))
+        counts.pop("road", None), counts.pop("river", None)
+        assert counts[r["label"]] == max(counts.values()), (r["label"], counts)
+
+
+def test_cli_refuses_repeated_domains_and_negative_seed_in_one_line(tmp_path, capsys):
+    for flags, message in (
+        (["--domains", "Finland,Finland"], "domains must be distinct"),
+        (["--seed", "-1"], "seed must be >= 0"),
+    ):
+        assert main(["data", "synth", "--out", str(tmp_path / "m"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_synth_refuses_a_foreign_folder_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "work"
+    out.mkdir()
+    (out / "paper.tex").write_text("x")
+    assert main(["data", "synth", "--out", str(out), "--images-per-domain", "2"]) == 1
+    assert "not a manifest" in capsys.readouterr().err and (out / "paper.tex").exists()
+    assert main(["data", "synth", "--out", str(out), "--images-per-domain", "2", "--overwrite"]) == 0
+    assert not (out / "paper.tex").exists() and ds.dataset(str(out), format="parquet").count_rows() == 6
+
+
+def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    def broken(cfg, out, overwrite=False):
+        raise RuntimeError("something\nbroke")
+
+    monkeypatch.setattr(S, "synthesize", broken)
+    assert main(["data", "synth", "--out", str(tmp_path / "m")]) == 1
+    err = capsys.readouterr().err
+    assert err == "urbancross: error: RuntimeError: something broke (--debug shows the traceback)\n"
+    with pytest.raises(RuntimeError, match="something"):
+        main(["--debug", "data", "synth", "--out", str(tmp_path / "m")])

@@ -28,6 +28,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an output folder that exists and is not a manifest (never one that overlaps an input)",
+    )
+
+
 def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
@@ -50,7 +58,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     flags = {f"synth.{name}": getattr(args, name) for name in ("images_per_domain", "image_size", "seed")}
     flags["synth.domains"] = args.domains.split(",") if args.domains else None
     cfg = _config(args).override({k: v for k, v in flags.items() if v is not None}, where="command line")
-    table = synthesize(cfg.synth, args.out)
+    table = synthesize(cfg.synth, args.out, overwrite=args.overwrite)
     print(summary_json(table))
     return 0
 
@@ -65,8 +73,26 @@ def cmd_data_import(args: argparse.Namespace) -> int:
         images=args.images,
         domain=args.domain,
         skip_bad=args.skip_bad,
+        strict=args.strict,
+        overwrite=args.overwrite,
+        cfg=_config(args).data,
     )
     print(json.dumps(report, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_data_dedup(args: argparse.Namespace) -> int:
+    from urbancross.data.dedup import run_dedup
+
+    summary = run_dedup(
+        args.manifests,
+        _config(args).dedup,
+        args.report,
+        drop_from=args.drop_from,
+        out=args.out,
+        overwrite=args.overwrite,
+    )
+    print(json.dumps(summary, indent=2, sort_keys=True))
     return 0
 
 
@@ -80,7 +106,7 @@ def cmd_data_summary(args: argparse.Namespace) -> int:
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from urbancross.preprocess import run_preprocess
 
-    summary = run_preprocess(_config(args))
+    summary = run_preprocess(_config(args), overwrite=args.overwrite)
     print(json.dumps(summary, indent=2, sort_keys=True))
     return 0
 
@@ -149,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Cross-domain satellite image-text retrieval on Ray: "
         "synth/import data -> preprocess (SAM, LMM) -> train -> adapt -> tune -> evaluate -> promote.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Callable[[argparse.Namespace], int], help: str, parent=sub) -> argparse.ArgumentParser:
@@ -178,27 +205,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="manifest folder to write")
     p.add_argument("--images-per-domain", type=int, help="images per domain (config synth.images_per_domain)")
     p.add_argument("--image-size", type=int, help="tile size in pixels (config synth.image_size)")
-    p.add_argument("--domains", help="comma-separated domain names (config synth.domains)")
-    p.add_argument("--seed", type=int, help="random seed (config synth.seed)")
+    p.add_argument("--domains", help="comma-separated domain names, each once (config synth.domains)")
+    p.add_argument("--seed", type=int, help="random seed, >= 0 (config synth.seed)")
+    _add_overwrite(p)
 
-    p = add("import", cmd_data_import, "Convert an existing dataset into a manifest and print a JSON summary.", dsub)
+    p = add(
+        "import",
+        cmd_data_import,
+        "Convert an existing dataset into a manifest and print a JSON summary: images and captions per split, "
+        "rows skipped, and release anomalies repaired or dropped (count, file:line of the first few).",
+        dsub,
+    )
+    _add_config_args(p)
     p.add_argument(
         "--format",
         required=True,
         choices=["urbancross", "precomp", "karpathy"],
         help="urbancross: the UrbanCross release (one folder per country); "
         "precomp: {split}_caps.txt + {split}_filename.txt (RSICD, RSITMD, UCM, Sydney); "
-        "karpathy: dataset_*.json with images[].filename/split/sentences[].raw",
+        "karpathy: dataset*.json with images[].filename/split/sentences[].raw",
     )
     p.add_argument("--root", required=True, metavar="DIR", help="folder of the dataset to import")
     p.add_argument("--out", required=True, metavar="DIR", help="manifest folder to write")
-    p.add_argument("--images", metavar="DIR", help="images folder (default: ROOT/images)")
+    p.add_argument(
+        "--images", metavar="DIR", help="images folder (default: ROOT/images, ROOT/imgs or the one ROOT/*_images)"
+    )
     p.add_argument("--domain", help="domain name for formats that do not carry one (default: ROOT's folder name)")
     p.add_argument(
         "--skip-bad",
         action="store_true",
-        help="skip rows with missing/unreadable images or bad captions and report them, instead of failing",
+        help="skip bad rows (missing, unreadable or oversized images, paths outside the images folder, malformed "
+        "entries) and report them, instead of failing on the first",
     )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail on the first release anomaly (blank or duplicate caption, caption count, image in several splits, "
+        "...) instead of repairing it and reporting it",
+    )
+    _add_overwrite(p)
+
+    p = add(
+        "dedup",
+        cmd_data_dedup,
+        "Find exact and near-duplicate images within and across manifests (perceptual hash, Hamming distance "
+        "<= dedup.max_distance; Ray Data from dedup.ray_min_images images on), write a JSON report of the pairs "
+        "with their splits and distance, and optionally a copy of the first manifest without them.",
+        dsub,
+    )
+    _add_config_args(p)
+    p.add_argument("manifests", nargs="+", metavar="MANIFEST", help="manifest folders to compare (within and across)")
+    p.add_argument("--report", required=True, metavar="FILE", help="JSON report to write: every pair, splits, distance")
+    p.add_argument(
+        "--drop-from",
+        metavar="SPLIT",
+        help="write a copy of the FIRST manifest without its SPLIT rows that duplicate another row (in another split "
+        "or manifest, or earlier in SPLIT); needs --out",
+    )
+    p.add_argument("--out", metavar="DIR", help="folder for the cleaned manifest (never an input)")
+    _add_overwrite(p)
 
     p = add("summary", cmd_data_summary, "Print images and captions per split and domain of a manifest.", dsub)
     p.add_argument("manifest", help="manifest folder or URI")
@@ -210,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         "preprocess.output; bad rows go to <output>_rejects.parquet; a re-run skips finished rows).",
     )
     _add_config_args(p)
+    _add_overwrite(p)
 
     for name, text in (
         (
@@ -287,32 +353,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(e: BaseException, limit: int = 2000) -> str:
+    """An error as one line: newlines folded, a huge value cut (the message can quote input)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean bad input or an unreachable service: one line, exit 1, no traceback."""
+    """Errors that mean bad input or an unreachable service: their message is the whole story."""
     from urbancross.data.manifest import ManifestError
     from urbancross.model.factory import CheckpointError
 
-    return (ManifestError, CheckpointError, RegistryError, FileNotFoundError)
+    return (ManifestError, CheckpointError, RegistryError, FileNotFoundError, PermissionError)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every error is one line on stderr (exit 1; 2 for config errors); `--debug`
+    shows the traceback instead."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("urbancross").setLevel(logging.INFO)  # our progress; libraries' chatter stays at WARNING
     try:
         return args.handler(args)
-    except ConfigError as e:
-        print(f"urbancross: config error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("urbancross: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
+        if args.debug:
+            raise
+        if isinstance(e, ConfigError):
+            print(f"urbancross: config error: {_one_line(e)}", file=sys.stderr)
+            return 2
         if isinstance(e, _user_errors()):
-            print(f"urbancross: error: {e}", file=sys.stderr)
-            return 1
-        raise
+            print(f"urbancross: error: {_one_line(e)}", file=sys.stderr)
+        else:
+            hint = "(--debug shows the traceback)"
+            print(f"urbancross: error: {type(e).__name__}: {_one_line(e)} {hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,10 +7,15 @@ model takes (decoding, augmentation, tokenizing) as a Ray Data stage.
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Any
+
+import pyarrow.compute as pc
 
 from urbancross.config import Config
 from urbancross.data.manifest import ManifestError, filter_rows, read_manifest
+
+log = logging.getLogger(__name__)
 
 CAPTIONS_PER_SAMPLE = 5  # the releases' 5 captions per image; fewer are cycled to fill
 
@@ -33,9 +38,22 @@ def caption_texts(row: dict[str, Any], cfg: Config) -> list[str]:
 
 
 def read_split(cfg: Config, split: str, domain: str | None = None, manifest: str | None = None):
-    """One split (and domain) of the manifest as an Arrow table; empty is an error."""
-    table = read_manifest(manifest or cfg.data.manifest)
-    return filter_rows(table, split=split, domain=domain)
+    """One split (and domain) of the manifest as an Arrow table; empty is an error.
+
+    Images without any caption (kept by the importers, e.g. RSITMD's blank caption lines)
+    can be neither trained on nor queried: they are left out here, and counted in the log.
+    """
+    table = filter_rows(read_manifest(manifest or cfg.data.manifest), split=split, domain=domain)
+    has = pc.greater(pc.fill_null(pc.list_value_length(table["captions"]), 0), 0)
+    if cfg.data.use_refined_captions:
+        has = pc.or_(has, pc.greater(pc.fill_null(pc.list_value_length(table["refined_captions"]), 0), 0))
+    if not pc.all(has).as_py():
+        left_out = table.num_rows - pc.sum(has).as_py()
+        log.info("%s: %d %s image(s) without captions left out", manifest or cfg.data.manifest, left_out, split)
+        table = table.filter(has)
+    if table.num_rows == 0:
+        raise ManifestError(f"{manifest or cfg.data.manifest}: no {split} images with captions (domain={domain!r})")
+    return table
 
 
 def pick_caption(tokens, keys, epoch: int, seed: int):

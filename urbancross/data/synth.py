@@ -12,6 +12,11 @@ element group exactly once with its count, so counts can be parsed back and chec
 Near-duplicate scenes (one element added, removed, resized or moved) are generated in
 pairs, so that two images with the same kinds of elements need their captions' details
 to be told apart.
+
+Each row's scene class (`label`) is its dominant land use, `scene_label`: the element kind
+with the most elements, ties broken in `KINDS` order (building first); the divider does not
+count. It is a pure function of the scene, drawing nothing from the random streams, so
+adding it left every tile and caption byte-identical.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import pyarrow as pa
 from PIL import Image, ImageDraw
 
 from urbancross.config import ConfigError, SynthConfig
-from urbancross.data.manifest import encode_png, to_table, write_manifest
+from urbancross.data.manifest import check_output, encode_png, to_table, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -622,6 +627,12 @@ def describe(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[str]:
     raise RuntimeError(f"could not write {n} distinct captions for {scene}")
 
 
+def scene_label(scene: Scene) -> str:
+    """The dominant land use: the kind with the most elements (ties: `KINDS` order)."""
+    g = groups(scene)
+    return max(g, key=lambda k: (len(g[k]), -KINDS.index(k)))
+
+
 def geo_tags(scene: Scene) -> list[str]:
     return sorted({GEO_TAGS[k] for k in counts(scene)})
 
@@ -676,6 +687,7 @@ def domain_rows(cfg: SynthConfig, domain: str) -> list[dict]:
                 "captions": describe(scene, rng, cfg.captions_per_image),
                 "domain": domain,
                 "split": split,
+                "label": scene_label(scene),
                 "lat": round(float(rng.uniform(*style.lat)), 5),
                 "lon": round(float(rng.uniform(*style.lon)), 5),
                 "geo_tags": geo_tags(scene),
@@ -685,16 +697,20 @@ def domain_rows(cfg: SynthConfig, domain: str) -> list[dict]:
     return rows
 
 
-def synthesize(cfg: SynthConfig, out: str) -> pa.Table:
-    """Generate the benchmark described by `cfg`, write it as a manifest at `out`, return the table."""
+def synthesize(cfg: SynthConfig, out: str, *, overwrite: bool = False) -> pa.Table:
+    """Generate the benchmark described by `cfg`, write it as a manifest at `out`, return the table.
+
+    `out` may be new, empty or a manifest; anything else needs `overwrite` (`manifest.check_output`).
+    """
     cfg.validate()
     unknown = [d for d in cfg.domains if d not in STYLES]
     if unknown:
         raise ConfigError(f"synth.domains: unknown domain(s) {unknown}; the generator knows {sorted(STYLES)}")
+    check_output(out, overwrite=overwrite)  # before the work
     rows = []
     for domain in cfg.domains:
         log.info("synth: %d %s images of %d px", cfg.images_per_domain, domain, cfg.image_size)
         rows += domain_rows(cfg, domain)
     table = to_table(rows)
-    write_manifest(table, out)
+    write_manifest(table, out, overwrite=overwrite)
     return table

@@ -34,6 +34,7 @@ from urbancross.config import Config, ConfigError, PreprocessConfig, local_absol
 from urbancross.data.manifest import (
     MANIFEST_SCHEMA,
     ManifestError,
+    check_output,
     conform,
     decode_image,
     image_bytes,
@@ -282,14 +283,20 @@ def _ensure_ray() -> None:
         ray.init()
 
 
-def run_preprocess(cfg: Config, *, stages: dict[str, Callable[[Config], Any]] | None = None) -> dict:
+def run_preprocess(
+    cfg: Config, *, stages: dict[str, Callable[[Config], Any]] | None = None, overwrite: bool = False
+) -> dict:
     """Preprocess the manifest; returns a JSON-able summary.
 
     `stages` optionally replaces a stage class by name (`sam`, `refine`): a callable
-    `cfg -> object` with `needs_image` and `process(images, rows) -> [dict]`.
+    `cfg -> object` with `needs_image` and `process(images, rows) -> [dict]`. The output must
+    not overlap the input, and may exist only as a manifest (a previous run's: resumed)
+    unless `overwrite` (`manifest.check_output`).
     """
     t0 = time.perf_counter()
     cfg, src, out, root = resolve_paths(cfg)
+    inputs = [src, root if cfg.data.root else None]  # the default root is the input's folder, which holds out_dir
+    check_output(out, inputs, overwrite=overwrite)  # before the work
     table = read_manifest(src)
     ids = table["image_id"].to_pylist()
     dup = [x for x, n in Counter(ids).items() if n > 1]
@@ -323,7 +330,7 @@ def run_preprocess(cfg: Config, *, stages: dict[str, Callable[[Config], Any]] | 
     _write_file_atomic(rejected, rejects_path(out))
     if final.num_rows == 0:
         raise ManifestError(f"{src}: every row was rejected; reasons in {rejects_path(out)}")
-    write_manifest(final, out)
+    write_manifest(final, out, inputs=inputs, overwrite=overwrite)
     fs, parts = resolve_fs(parts_path(out))
     if fs.get_file_info(parts).type == pafs.FileType.Directory:
         fs.delete_dir(parts)
