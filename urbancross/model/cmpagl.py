@@ -35,6 +35,7 @@ from transformers import BertConfig
 
 from urbancross.loss import hardest_negatives
 from urbancross.model.gswin import GSWIN_T, GSWIN_TINY, GswinConfig, GswinEncoder, load_swin
+from urbancross.model.model import MAX_LOGIT_SCALE
 from urbancross.model.text_bert import (
     CONTEXT_LENGTH,
     TEXT_TINY,
@@ -44,7 +45,6 @@ from urbancross.model.text_bert import (
     text_config,
 )
 
-MAX_LOGIT_SCALE = 100.0
 INIT_TEMPERATURE = 0.07  # CLIP's and ALBEF's
 
 
