@@ -1,7 +1,8 @@
 """The package's shape: imports run one way down the pipeline, and the README's map names every module.
 
 Layers, bottom to top: config (+ tracking, atomic) < data < preprocess / model (+ embedded)
-< loss / train < tune / evaluate < registry < cli / demo. An import (module-level or inside a
+/ loss < train < tune / evaluate < registry < cli / demo. `loss.py` is pure functions of
+tensors (it imports only config), so a model may mine its negatives with them. An import (module-level or inside a
 function) may point down or sideways, never up. `evaluate/metrics.py` and `evaluate/smr.py`
 are pure leaves (they import nothing from urbancross) that validation in `train/` uses too:
 they sit at the loss level.
@@ -24,7 +25,7 @@ LAYERS = {  # module prefix -> level; the longest matching prefix wins
     "urbancross.preprocess": 2,
     "urbancross.model": 2,
     "urbancross.embedded": 2,
-    "urbancross.loss": 3,
+    "urbancross.loss": 2,
     "urbancross.train": 3,
     "urbancross.evaluate.metrics": 3,
     "urbancross.evaluate.smr": 3,

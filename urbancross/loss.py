@@ -81,6 +81,37 @@ def intra_class(image: Tensor, text: Tensor, labels: Tensor | None = None, weigh
     return weighted_mean((dist * same).sum(1) / same.sum(1), weights)
 
 
+def hardest_negatives(sim: Tensor, same: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Each sample's hardest negative in both directions of a [B,B] similarity matrix (ITM mining).
+
+    -> (text_of_image, image_of_text), both [B]: text_of_image[i] = argmax_{j neg} s_ij,
+    image_of_text[i] = argmax_{j neg} s_ji. `same` [B,B] bool marks further pairs that are not
+    negatives (e.g. two captions of one image); the diagonal never is. ALBEF samples negatives
+    in proportion to softmax(s); the argmax is deterministic and the hardest.
+    """
+    n = sim.shape[0]
+    neg = _negatives(n, None, sim.device)
+    if same is not None:
+        neg &= ~same.to(device=sim.device, dtype=torch.bool)
+    if not (bool(neg.any(1).all()) and bool(neg.any(0).all())):
+        raise ValueError(f"hard-negative mining: every one of the {n} pairs needs a negative in the batch")
+    low = torch.finfo(sim.dtype).min
+    masked = sim.masked_fill(~neg, low)
+    return masked.argmax(dim=1), masked.argmax(dim=0)
+
+
+def itm_hard_negative(itm_logits: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Image-text matching on mined negatives: l_i = mean of the CE of sample i's three pairs.
+
+    `itm_logits` [B,3,2] (index 1 = match): (image i, text i) -> match, (image i, its hardest
+    negative text) -> no match, (text i's hardest negative image, text i) -> no match.
+    """
+    b = itm_logits.shape[0]
+    target = torch.tensor([1, 0, 0], device=itm_logits.device).expand(b, 3)
+    ce = F.cross_entropy(itm_logits.reshape(-1, 2), target.reshape(-1), reduction="none").reshape(b, 3)
+    return weighted_mean(ce.mean(dim=1), weights)
+
+
 def segment_infonce(
     query: Tensor, segments: Tensor, mask: Tensor, logit_scale: Tensor, weights: Tensor | None = None
 ) -> Tensor:
@@ -157,4 +188,20 @@ def retrieval_loss(
         "pre_align": cfg.pre_align_weight,
     }
     total = sum(scale_of[name] * value for name, value in parts.items())
+    return total, parts
+
+
+def cmpagl_loss(
+    out: dict, cfg: LossConfig, weights: Tensor | None = None, labels: Tensor | None = None, itm_weight: float = 1.0
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """CMPAGL's objective: `retrieval_loss` plus `itm_weight` * ITM on the mined hard negatives.
+
+    With a CMPAGL model output and kind=triplet, `retrieval_loss` gives the hardest-negative
+    triplet and the intra-class term on the pre-aligned embeddings and the pre-alignment
+    InfoNCE (`pre_align`); `itm` is added when the output has `itm_logits`.
+    """
+    total, parts = retrieval_loss(out, cfg, weights, labels)
+    if out.get("itm_logits") is not None:
+        parts["itm"] = itm_hard_negative(out["itm_logits"], weights)
+        total = total + itm_weight * parts["itm"]
     return total, parts
