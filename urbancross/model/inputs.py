@@ -22,7 +22,8 @@ class ModelInputs:
 
     Output columns: `key` int64 [B] (`sample_key(image_id)`), `images` float32 [B,3,H,W],
     `tokens` int64 [B,C,L] (C = 5 captions per image, cycled when fewer; the training loop
-    draws one per epoch), `segments` float32 [B,S,3,H,W] and `segment_mask` bool [B,S]
+    draws one per epoch), `num_captions` int64 [B] (how many of the C are real: validation and
+    evaluation score only those), `segments` float32 [B,S,3,H,W] and `segment_mask` bool [B,S]
     (S = data.num_segments, zeros/False where an image has fewer), and with
     `keep_ids=True` also `image_id` and `domain` (strings, for inference).
     """
@@ -38,15 +39,17 @@ class ModelInputs:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
         images = np.stack([self._image(r) for r in rows])
-        captions = []
+        captions, counts = [], []
         for r in rows:
             caps = caption_texts(r, self.cfg)
             captions.extend(caps[i % len(caps)] for i in range(CAPTIONS_PER_SAMPLE))
+            counts.append(min(len(caps), CAPTIONS_PER_SAMPLE))
         tokens = np.asarray(self.tokenize(captions), dtype=np.int64)
         out = {
             "key": np.array([sample_key(str(r["image_id"])) for r in rows], dtype=np.int64),
             "images": images,
             "tokens": tokens.reshape(len(rows), CAPTIONS_PER_SAMPLE, -1),
+            "num_captions": np.array(counts, dtype=np.int64),
         }
         if self.cfg.model.use_segments:
             out["segments"], out["segment_mask"] = self._segments(rows, images.shape[1:])

@@ -45,7 +45,7 @@ from torch import nn
 
 from urbancross.config import Config, config_from_dict
 from urbancross.data.ingest import pick_caption
-from urbancross.evaluate.metrics import retrieval_metrics
+from urbancross.evaluate.metrics import real_captions, retrieval_metrics
 from urbancross.model.factory import create_model, save_model
 from urbancross.tracking import log_metrics, mlflow_run
 from urbancross.train.adversarial import AdaptObjective, AdaptSchedule
@@ -282,22 +282,25 @@ def export_model(engine, model: nn.Module, scalars: list[str], path: str, w: Wor
 
 @torch.no_grad()
 def validate(engine, shard, cfg: Config, w: Worker) -> dict[str, float]:
-    """Retrieval metrics (mR, R@k) on the validation slice; every rank runs it (ZeRO-3 safe)."""
+    """Retrieval metrics (mR, R@k) on the validation slice; every rank runs it (ZeRO-3 safe).
+
+    Scored as test evaluation scores: each image's real captions only (`real_captions`).
+    """
     if shard is None:
         return {}
     engine.eval()
-    images, texts = [], []
+    images, texts, counts = [], [], []
     for batch in shard.iter_torch_batches(batch_size=cfg.evaluate.batch_size):
-        img, txt = engine(_prepare(batch, w, 0, cfg.seed, one_caption=False), embed=True)
+        b = _prepare(batch, w, 0, cfg.seed, one_caption=False)
+        img, txt = engine(b, embed=True)
         images.append(img.float().cpu())
-        texts.append(txt.float().cpu())
+        texts.append(txt.float().cpu().reshape(*b["tokens"].shape[:2], -1))
+        counts.append(b["num_captions"].cpu())
     engine.train()
     if not images:
         return {}
-    image, text = torch.cat(images), torch.cat(texts)
-    per_image = text.shape[0] // image.shape[0]
-    image_of_text = torch.arange(image.shape[0]).repeat_interleave(per_image)
-    metrics = retrieval_metrics(image @ text.T, image_of_text, ks=tuple(cfg.evaluate.ks))
+    text, image_of_text = real_captions(torch.cat(texts), torch.cat(counts))
+    metrics = retrieval_metrics(torch.cat(images) @ text.T, image_of_text, ks=tuple(cfg.evaluate.ks))
     return {f"val_{k}": float(v) for k, v in metrics.items()}
 
 
