@@ -20,7 +20,7 @@ def _manifest_with_caption_counts(path, counts: list[int], split: str = "val") -
     from urbancross.data import synth
     from urbancross.data.manifest import to_table, write_manifest
 
-    rows = synth.domain_rows(SynthConfig(images_per_domain=len(counts), image_size=32), "Finland")
+    rows = synth.domain_rows(SynthConfig(images_per_domain=len(counts), image_size=48), "Finland")
     for row, n in zip(rows, counts):
         row["captions"], row["split"] = row["captions"][:n], split
     write_manifest(to_table(rows), str(path))
@@ -73,3 +73,46 @@ def test_real_captions_drops_padding_slots():
     assert texts.tolist() == [text[0, 0].tolist(), text[0, 1].tolist(), text[1, 0].tolist(), *text[2].tolist()]
     with pytest.raises(ValueError, match="num_captions"):
         real_captions(text, [1, 2])
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def _splits(table) -> dict[str, str]:
+    return dict(zip(table.column("image_id").to_pylist(), table.column("split").to_pylist()))
+
+
+def test_benchmark_domains_get_seeded_disjoint_train_val_test_by_default(tmp_path):
+    from urbancross.data.synth import synthesize
+    from urbancross.demo import DEMO_CONFIG
+
+    cfg = SynthConfig(images_per_domain=20, image_size=48)  # the defaults: the reference's 70/10/20
+    table = synthesize(cfg, str(tmp_path / "a"))
+    split_of = _splits(table)
+    assert len(split_of) == table.num_rows == 60  # one split per image: disjoint
+    for domain in cfg.domains:
+        mine = [s for i, s in split_of.items() if i.startswith(domain)]
+        assert (mine.count("train"), mine.count("val"), mine.count("test")) == (14, 2, 4)
+    assert _splits(synthesize(cfg, str(tmp_path / "b"))) == split_of  # seeded
+    reseeded = _splits(synthesize(SynthConfig(images_per_domain=20, image_size=48, seed=1), str(tmp_path / "c")))
+    assert sorted(reseeded.values()) == sorted(split_of.values()) and reseeded != split_of
+    demo = load_config(DEMO_CONFIG).synth  # the demo's benchmark has a val split to choose on
+    assert round(demo.images_per_domain * demo.val_fraction) >= 10
+
+
+def test_import_carves_a_seeded_val_split_from_train_only(tmp_path):
+    from urbancross.config import DataConfig
+    from urbancross.data.importers import carve_val
+
+    split_of = {f"{i:02d}.jpg": "test" if i < 6 else "train" for i in range(30)}
+    carved = carve_val(split_of, DataConfig())
+    assert sum(s == "val" for s in carved.values()) == 3  # round(0.1 * 30)
+    assert {n for n, s in carved.items() if s == "test"} == {n for n, s in split_of.items() if s == "test"}
+    assert all(split_of[n] == "train" for n, s in carved.items() if s == "val")
+    assert carved == carve_val(dict(reversed(split_of.items())), DataConfig())  # seeded, order-free
+    assert carved != carve_val(split_of, DataConfig(split_seed=1))
+    eligible = {"20.jpg", "21.jpg"}
+    assert {n for n, s in carve_val(split_of, DataConfig(), eligible).items() if s == "val"} == eligible
+    has_val = {**split_of, "29.jpg": "val"}
+    assert carve_val(has_val, DataConfig()) == has_val  # a release's own val split is kept
+    assert carve_val({"a": "train", "b": "test"}, DataConfig(val_fraction=0.5)) == {"a": "train", "b": "test"}

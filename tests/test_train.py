@@ -16,7 +16,7 @@ from urbancross.train.adversarial import AdaptObjective
 from urbancross.train.deepspeed_config import deepspeed_config
 
 # Finland: 12 images -> 9 train (test_fraction 0.25), 1 held out for validation -> 8 train
-SYNTH = SynthConfig(domains=["Finland", "Spain"], images_per_domain=12, seed=0)
+SYNTH = SynthConfig(domains=["Finland", "Spain"], images_per_domain=12, seed=0, test_fraction=0.25, val_fraction=0.0)
 
 
 @pytest.fixture(scope="module")
