@@ -101,7 +101,10 @@ def fit_projections(model, cfg, table, steps: int = 200) -> None:
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    """A 3-domain manifest (6 test images each) and two weight files: `random` and `trained`."""
+    """A 3-domain manifest (3 val and 6 test images each) and two weight files: `random` and
+    `trained` (fitted to val, where promotion compares, and to test, which search queries)."""
+    import pyarrow as pa
+
     from urbancross.data.ingest import read_split
     from urbancross.data.synth import synthesize
     from urbancross.model.factory import create_model, save_model
@@ -109,7 +112,7 @@ def bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("registry")
     raw = {
         "out_dir": str(root / "run"),
-        "synth": {"images_per_domain": 12, "test_fraction": 0.5},
+        "synth": {"images_per_domain": 12, "test_fraction": 0.5, "val_fraction": 0.25},
         "data": {"manifest": str(root / "manifest")},
         "promote": {"margin": 0.5, "max_domain_drop": 2.0},
     }
@@ -119,7 +122,7 @@ def bench(tmp_path_factory):
     model = create_model(cfg.model)
     weights = {"random": str(root / "random.pt"), "trained": str(root / "trained.pt")}
     save_model(model, weights["random"])
-    fit_projections(model, cfg, read_split(cfg, "test"))
+    fit_projections(model, cfg, pa.concat_tables([read_split(cfg, "val"), read_split(cfg, "test")]))
     save_model(model, weights["trained"])
     return raw, weights
 
