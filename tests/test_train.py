@@ -82,10 +82,10 @@ def tiny_model():
 def _objective_grads(tiny_model, phase: str, weight: float, **adapt):
     model = copy.deepcopy(tiny_model)
     torch.manual_seed(0)
-    obj = AdaptObjective(model, LossConfig(), AdaptConfig(select_fraction=0.5, **adapt))
+    obj = AdaptObjective(model, LossConfig(), AdaptConfig(**{"select_fraction": 0.5, "disc_inputs": "image_text", **adapt}))
     g = torch.Generator().manual_seed(1)
     batch = lambda: {"images": torch.randn(4, 3, 64, 64, generator=g), "tokens": torch.randint(1, 400, (4, 64), generator=g)}  # noqa: E731
-    loss, logs = obj(batch(), batch(), weight, (0.0, 0.5), phase)
+    loss, logs = obj(batch(), batch(), weight, 0.5, phase)
     loss.backward()
     enc = model.clip.visual.proj.grad.clone()
     disc = obj.disc.net[0].weight.grad
@@ -102,7 +102,18 @@ def test_reversal_inside_the_objective(tiny_model):
     assert g_domain.abs().max() > 1e-6
     assert torch.allclose(gw, g0 - 0.5 * g_domain, atol=1e-6, rtol=1e-4)
     assert torch.allclose(d0, dw) and torch.allclose(dm, dw)
-    assert logs["weight_max"].item() == pytest.approx(2.0)  # 2 selected rows: min-max -> [1, 0] -> mean 1
+    assert logs["weight_max"].item() == pytest.approx(4 / 3)  # 2 kept rows: min-max into [0.5, 1] -> mean 1
+
+
+@pytest.mark.parametrize("term", ["domain", "retrieval"])
+def test_weights_scale_the_adversarial_term_not_the_retrieval_loss(tiny_model, term):
+    """The reference weights each kept source row's `log p` (the domain term) and trains the
+    retrieval loss on the kept rows unweighted; `weighted_term=retrieval` is the old variant."""
+    flat = _objective_grads(tiny_model, "grl", 0.5, weight_floor=1.0, weighted_term=term)[2]  # uniform weights
+    ref = _objective_grads(tiny_model, "grl", 0.5, weight_floor=0.0, weighted_term=term)[2]  # reference min-max
+    weighted, unweighted = ("domain", "retrieval") if term == "domain" else ("retrieval", "domain")
+    assert ref[unweighted].item() == pytest.approx(flat[unweighted].item(), abs=1e-7)
+    assert abs(ref[weighted].item() - flat[weighted].item()) > 1e-5
 
 
 def test_alternating_phases_touch_one_side_each(tiny_model):
@@ -188,7 +199,7 @@ def test_adapt_in_process_alternating_zero2(trained):
     result = run_adapt(cfg)
     m = result["metrics"]
     assert (m["epoch"], m["step"]) == (2, 6)  # 9 source images in batches of 4: 3 steps per pass
-    assert m["window_start"] == pytest.approx(0.5)  # last pass: the least target-like half
+    assert m["kept_share"] == pytest.approx(0.4)  # pass 2 of the reference's pacing: 0.2 + 0.2
     assert m["adv_weight"] > 0 and 0.0 <= m["disc_acc"] <= 1.0
     adapted = create_model(cfg.model, pretrained=result["model_path"])
     source = create_model(cfg.model, pretrained=stage1["model_path"])
