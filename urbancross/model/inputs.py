@@ -23,7 +23,9 @@ class ModelInputs:
     Output columns: `key` int64 [B] (`sample_key(image_id)`), `images` float32 [B,3,H,W],
     `tokens` int64 [B,C,L] (C = 5 captions per image, cycled when fewer; the training loop
     draws one per epoch), `segments` float32 [B,S,3,H,W] and `segment_mask` bool [B,S]
-    (S = data.num_segments, zeros/False where an image has fewer), and with
+    (S = data.num_segments; True only for the row's `num_real_segments` real SAM segments: the
+grid fills preprocessing pads with are not segments, so they are neither decoded nor seen by
+the fusion or the segment losses), and with
     `keep_ids=True` also `image_id` and `domain` (strings, for inference).
     """
 
@@ -65,7 +67,9 @@ class ModelInputs:
         segs = np.zeros((len(rows), s, *shape), dtype=np.float32)
         mask = np.zeros((len(rows), s), dtype=bool)
         for i, r in enumerate(rows):
-            for j, data in enumerate(list(r.get("segments") if r.get("segments") is not None else [])[:s]):
+            stored = list(r.get("segments") if r.get("segments") is not None else [])
+            real = r.get("num_real_segments")
+            for j, data in enumerate(stored[: min(s, len(stored) if real is None else int(real))]):
                 where = f"{r.get('source') or r['image_id']} segment {j}"
                 segs[i, j] = np.asarray(self.segment_transform(decode_image(data, where)), dtype=np.float32)
                 mask[i, j] = True
