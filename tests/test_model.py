@@ -139,6 +139,7 @@ def test_segment_mask_follows_num_real_segments():
     """Grid fills that pad a row up to 10 segments are not segments: the mask covers only the
     `num_real_segments` real ones, so the fused embedding is the one of the real segments alone."""
     from urbancross.config import Config
+    from urbancross.data.ingest import label_id
     from urbancross.model.embed import embed_images
     from urbancross.model.inputs import ModelInputs
 
@@ -155,6 +156,7 @@ def test_segment_mask_follows_num_real_segments():
 
     padded, alone, legacy = run([row(4, 2)]), run([row(2, 2)]), run([{**row(4, 2), "num_real_segments": None}])
     assert padded["segment_mask"].tolist() == [[True, True, False, False]]
+    assert padded["label"].tolist() == [-1] and run([{**row(2, 2), "label": "forest"}])["label"].tolist() == [label_id("forest")]
     assert legacy["segment_mask"].tolist() == [[True, True, True, True]]  # no count: every stored segment is real
     np.testing.assert_array_equal(padded["segments"], alone["segments"])
     model = create_model(ModelConfig()).eval()

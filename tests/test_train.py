@@ -140,6 +140,36 @@ def test_discriminator_on_image_embeddings_only(tiny_model):
     assert not torch.allclose(both["text_grad"], ret["text_grad"], atol=1e-6)
 
 
+def test_scene_labels_reach_the_intra_class_term(tiny_model, caplog):
+    """The manifest's `label` travels through ModelInputs (as `label_id`, -1 = none) into the
+    stage-1 objective's loss; unlabelled data turns the intra-class term off and the driver says so once."""
+    import logging
+
+    import pyarrow as pa
+
+    from urbancross.data.ingest import label_id
+    from urbancross.train.objective import RetrievalObjective
+    from urbancross.train.trainer import note_missing_labels
+
+    assert label_id(None) == label_id("") == -1 and label_id("mountain") == label_id("mountain") != label_id("river") >= 0
+    g = torch.Generator().manual_seed(1)
+    batch = {"images": torch.randn(4, 3, 64, 64, generator=g), "tokens": torch.randint(1, 400, (4, 64), generator=g)}
+    obj = RetrievalObjective(copy.deepcopy(tiny_model), LossConfig(kind="triplet", intra_class_weight=0.1))
+    labels = torch.tensor([label_id(x) for x in ("mountain", "river", "mountain", None)])
+    assert set(obj(batch)[1]) == {"image_text"}
+    assert set(obj({**batch, "label": torch.full((4,), -1)})[1]) == {"image_text"}
+    assert set(obj({**batch, "label": labels})[1]) == {"image_text", "intra_class"}
+
+    cfg = load_config(None, ["loss.kind=triplet"])
+    unlabelled = pa.table({"image_id": ["a", "b"], "label": pa.array([None, ""], pa.string())})
+    with caplog.at_level(logging.INFO, logger="urbancross.train.trainer"):
+        assert note_missing_labels(cfg, unlabelled, "train")
+        assert note_missing_labels(cfg, unlabelled.drop(["label"]), "train")
+        assert not note_missing_labels(cfg, pa.table({"label": ["a", None]}), "train")
+        assert not note_missing_labels(load_config(None, ["loss.kind=infonce"]), unlabelled, "train")
+    assert sum("intra-class loss term is off" in r.getMessage() for r in caplog.records) == 2
+
+
 # --------------------------------------------------------------------------- in-process runs (Ray Data + DeepSpeed)
 
 

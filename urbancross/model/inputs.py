@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from urbancross.config import Config
-from urbancross.data.ingest import CAPTIONS_PER_SAMPLE, caption_texts, sample_key
+from urbancross.data.ingest import CAPTIONS_PER_SAMPLE, caption_texts, label_id, sample_key
 from urbancross.data.manifest import decode_image, image_bytes
 from urbancross.model.factory import get_tokenizer, image_transform
 
@@ -20,7 +20,8 @@ from urbancross.model.factory import get_tokenizer, image_transform
 class ModelInputs:
     """Ray Data `map_batches` callable (batch_format="numpy"): rows -> arrays.
 
-    Output columns: `key` int64 [B] (`sample_key(image_id)`), `images` float32 [B,3,H,W],
+    Output columns: `key` int64 [B] (`sample_key(image_id)`), `label` int64 [B] (the scene
+class, `label_id`: -1 where the row has none), `images` float32 [B,3,H,W],
     `tokens` int64 [B,C,L] (C = 5 captions per image, cycled when fewer; the training loop
     draws one per epoch), `segments` float32 [B,S,3,H,W] and `segment_mask` bool [B,S]
     (S = data.num_segments; True only for the row's `num_real_segments` real SAM segments: the
@@ -47,6 +48,7 @@ the fusion or the segment losses), and with
         tokens = np.asarray(self.tokenize(captions), dtype=np.int64)
         out = {
             "key": np.array([sample_key(str(r["image_id"])) for r in rows], dtype=np.int64),
+            "label": np.array([label_id(r.get("label")) for r in rows], dtype=np.int64),
             "images": images,
             "tokens": tokens.reshape(len(rows), CAPTIONS_PER_SAMPLE, -1),
         }

@@ -224,9 +224,11 @@ class AdaptObjective(nn.Module):
         idx, w = select_and_weight(likeness, share, self.cfg.weight_floor)
         sel = take_rows(s_out, idx, source["images"].shape[0])
         on_domain = self.cfg.weighted_term == "domain"
-        ret, _ = retrieval_loss(sel, self.loss_cfg, weights=None if on_domain else w.to(sel["fused"].dtype))
-        if self.cfg.use_target_captions:
-            ret = ret + retrieval_loss(t_out, self.loss_cfg)[0]
+        labels = source.get("label")
+        ret, _ = retrieval_loss(sel, self.loss_cfg, weights=None if on_domain else w.to(sel["fused"].dtype),
+                                labels=None if labels is None else labels[idx])
+        if self.cfg.use_target_captions:  # the labelled-target setting: its scene classes too
+            ret = ret + retrieval_loss(t_out, self.loss_cfg, labels=target.get("label"))[0]
 
         keys = ("fused", "text") if self.cfg.disc_inputs == "image_text" else ("fused",)
         src = torch.cat([sel[k] for k in keys])
