@@ -145,7 +145,10 @@ class SamConfig(Section):
     pred_iou_thresh: float = num(0.5, ge=0, le=1)
     stability_score_thresh: float = num(0.6, ge=0, le=1)
     min_mask_region_area: int = num(0, ge=0)
-    keep_largest: int = num(50, ge=1)  # masks sorted by area, this many kept before CLIP scoring
+    keep_largest: int = num(50, ge=1)  # masks sorted by area, this many kept before ranking
+    # Ranking of the kept masks: SAM's predicted IoU x stability (from the image alone), or
+    # "caption": CLIP similarity to the row's captions (UrbanCross), for training rows only.
+    selection: Literal["quality", "caption"] = "quality"
     num_segments: int = num(10, ge=1)
     style: Literal["white", "crop"] = "white"
     segment_size: int = num(64, ge=1)

@@ -80,6 +80,7 @@ def run_evaluate(cfg: Config, models: Mapping[str, Any] | None = None, *, use_ra
             prefix = f"{r['model']}.{r['tested_on']}."
             log_metrics({prefix + k: v for k, v in r.items() if isinstance(v, float)})
             log_metrics({prefix + "smr_" + k: v for k, v in r.get("smr", {}).items()})
+            log_metrics({prefix + "image_only_" + k: v for k, v in r.get("image_only", {}).items()})
         log_json_artifact(records, "cross_domain.json")
         for kind in ("md", "png"):
             mlflow.log_artifact(paths[kind])
