@@ -126,3 +126,43 @@ def test_no_download_path():
         create_model(ModelConfig(), pretrained="openai")
     with pytest.raises(ValueError, match="model.preset"):
         open_clip_name(ModelConfig(preset="hf-hub:someone/model"))
+
+
+def _png(seed: int, size: int = 32) -> bytes:
+    from urbancross.data.manifest import encode_png
+
+    rgb = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return encode_png(Image.fromarray(rgb))
+
+
+def test_segment_mask_follows_num_real_segments():
+    """Grid fills that pad a row up to 10 segments are not segments: the mask covers only the
+    `num_real_segments` real ones, so the fused embedding is the one of the real segments alone."""
+    from urbancross.config import Config
+    from urbancross.data.ingest import label_id
+    from urbancross.model.embed import embed_images
+    from urbancross.model.inputs import ModelInputs
+
+    cfg = Config().override({"data.num_segments": 4})
+    inputs = ModelInputs(cfg, train=False)
+
+    def row(segments, real):
+        return {"image_id": "Finland/a.png", "domain": "Finland", "image": _png(0), "captions": ["a road"],
+                "segments": [_png(10 + i) for i in range(segments)], "num_real_segments": real}
+
+    def run(rows):
+        batch = {k: np.array([r[k] for r in rows] + [None], dtype=object)[:-1] for k in rows[0]}
+        return inputs(batch)
+
+    padded, alone, legacy = run([row(4, 2)]), run([row(2, 2)]), run([{**row(4, 2), "num_real_segments": None}])
+    assert padded["segment_mask"].tolist() == [[True, True, False, False]]
+    assert padded["label"].tolist() == [-1] and run([{**row(2, 2), "label": "forest"}])["label"].tolist() == [label_id("forest")]
+    assert legacy["segment_mask"].tolist() == [[True, True, True, True]]  # no count: every stored segment is real
+    np.testing.assert_array_equal(padded["segments"], alone["segments"])
+    model = create_model(ModelConfig()).eval()
+    with torch.no_grad():
+        emb = [embed_images(model, *(torch.as_tensor(x[k]) for k in ("images", "segments", "segment_mask"))) for x in (padded, alone)]
+        fused = model(torch.as_tensor(padded["images"]), torch.as_tensor(padded["tokens"][:, 0]),
+                      torch.as_tensor(padded["segments"]), torch.as_tensor(padded["segment_mask"]))
+    torch.testing.assert_close(emb[0], emb[1])
+    assert fused["segment_mask"].sum().item() == 2

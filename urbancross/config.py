@@ -300,16 +300,21 @@ class AdaptConfig(Section):
     """Weighted adversarial fine-tuning from a trained checkpoint (stage 2)."""
 
     checkpoint: str = ""  # stage-1 model: a model.pt or a folder holding one; empty = <out_dir>/train
-    epochs: int = num(4, ge=1)
+    epochs: int = num(5, ge=1)  # 5 passes: the kept share reaches 100% in the last (the reference's 5 cycles)
     lr: float = num(1e-4, gt=0)
-    select_fraction: float = num(0.5, gt=0, le=1)  # share of each source batch selected (most target-like first)
-    curriculum: bool = True  # move the selection window from easiest to harder slices over the passes
-    slices: int = num(5, ge=1)  # positions of the window (5 = quintiles when select_fraction = 0.2)
-    curriculum_length: float = num(1.0, gt=0, le=1)  # share of the passes after which the hardest slice is reached
+    # Kept share of each source batch, most target-like first: select_fraction in the first pass,
+    # + select_growth per pass up to 1 (the reference: 0.2 + 0.2 * cycle); curriculum off = fixed.
+    select_fraction: float = num(0.2, gt=0, le=1)
+    select_growth: float = num(0.2, ge=0, le=1)
+    curriculum: bool = True
+    # Weights of the kept rows: target-likeness min-max scaled into [weight_floor, 1], mean 1.
+    # 0 = the reference's exact scaling (its least target-like kept row gets weight 0).
+    weight_floor: float = num(0.5, ge=0, le=1)
+    weighted_term: Literal["domain", "retrieval"] = "domain"  # the reference weights the adversarial term
     disc_hidden: int = num(0, ge=0)  # 0 = the embedding dimension
     disc_depth: int = num(2, ge=1)
     disc_lr: float = num(1e-3, gt=0)
-    disc_inputs: Literal["image_text", "image"] = "image_text"  # embeddings the discriminator sees
+    disc_inputs: Literal["image", "image_text"] = "image"  # embeddings the discriminator sees (reference: image)
     mode: Literal["grl", "alternating"] = "grl"
     schedule: Literal["constant", "linear", "dann"] = "dann"
     gamma: float = num(10.0, gt=0)

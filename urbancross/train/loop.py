@@ -476,7 +476,7 @@ def adapt_loop_per_worker(config: dict) -> dict:
     with tracking(cfg, config.get("run_id"), w) as log_metrics:
         for epoch in range(start_epoch, _last_epoch(a.epochs, config)):
             t0 = time.perf_counter()
-            window = schedule.window(epoch)
+            share = schedule.share(epoch)
             targets = _cycle(lambda: _iter(target, cfg, epoch, w.rank))
             sums: dict[str, float] = {}
             n = 0
@@ -484,7 +484,7 @@ def adapt_loop_per_worker(config: dict) -> dict:
                 weight = schedule.weight(epoch, i)
                 src = _prepare(batch, w, epoch, cfg.seed)
                 tgt = _prepare(next(targets), w, epoch, cfg.seed)
-                loss, logs = engine(src, tgt, weight, window, schedule.phase(engine.global_steps))
+                loss, logs = engine(src, tgt, weight, share, schedule.phase(engine.global_steps))
                 engine.backward(loss)
                 engine.step()
                 for k, v in {"loss": loss.detach(), "adv_weight": weight, **logs}.items():
@@ -492,7 +492,7 @@ def adapt_loop_per_worker(config: dict) -> dict:
                 n += 1
                 if on_step is not None:
                     on_step(rank=w.rank, epoch=epoch, step=int(engine.global_steps))
-            values = {**{k: w.all_mean(v / max(n, 1)) for k, v in sums.items()}, "window_start": window[0]}
+            values = {**{k: w.all_mean(v / max(n, 1)) for k, v in sums.items()}, "kept_share": share}
             metrics = end_epoch(
                 engine, w, cfg, "adapt", epoch, a.epochs, values, val=val, log_metrics=log_metrics, started=t0,
                 start=(start_epoch, start_step), client={"epoch": epoch + 1},
