@@ -69,14 +69,19 @@ class Section:
 
 @dataclass(frozen=True)
 class SynthConfig(Section):
-    """The embedded benchmark (procedural satellite-like tiles with captions)."""
+    """The embedded benchmark (procedural satellite-like tiles with captions).
+
+    Every domain is split train/val/test by the same seeded fractions (the reference's
+    70/10/20): the source trains and validates, the target's train images adapt and its val
+    chooses the adapted model, and test images are only ever reported.
+    """
 
     domains: tuple[str, ...] = ("Finland", "Germany", "Spain")
     images_per_domain: int = num(120, ge=2)
     image_size: int = num(64, ge=32, le=4096)
     captions_per_image: int = num(5, ge=1, le=10)
-    test_fraction: float = num(0.25, ge=0, lt=1)
-    val_fraction: float = num(0.0, ge=0, lt=1)
+    test_fraction: float = num(0.2, ge=0, lt=1)
+    val_fraction: float = num(0.1, ge=0, lt=1)
     near_duplicate_fraction: float = num(0.5, ge=0, le=1)  # chance an image is a one-element variant of the previous one
     seed: int = num(0, ge=0)
 
@@ -112,6 +117,20 @@ class DataConfig(Section):
     # A larger image is a bad row at import, checked from its header before decoding (a 24 KB
     # file can expand to 196 Mpx): preprocess.max_image_side squared, 200 MB decoded as RGB.
     max_image_pixels: int = num(8192 * 8192, ge=1)
+    # Splits made at import, seeded by split_seed over the sorted image names (order-free): a
+    # release without splits (the UrbanCross CSV) is cut into train/val/test by these shares of
+    # each country's images (the reference's 70/10/20; every country, the target too, gets the
+    # same cut: its train images adapt, its val chooses, its test is only reported); a release
+    # with train and test but no val gets round(val_fraction * images) of its train images as val.
+    val_fraction: float = num(0.1, ge=0, lt=1)
+    test_fraction: float = num(0.2, ge=0, lt=1)
+    split_seed: int = num(0, ge=0)
+
+    def check(self) -> None:
+        require(
+            self.val_fraction + self.test_fraction < 1,
+            f"val_fraction + test_fraction must be < 1, got {self.val_fraction} + {self.test_fraction}",
+        )
 
 
 @dataclass(frozen=True)
@@ -274,8 +293,16 @@ class TrainConfig(Section):
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
     domain: str = ""  # training domain; empty = data.source_domain, "all" = every domain
     val_images: int = num(64, ge=0)  # validation slice (val split, else held out of the train split)
-    ingest_actors: int = num(0, ge=0)  # 0 = Ray Data tasks (workers reused across epochs); N = a pool of N decoding actors
-    ingest_cpus: float = num(0.5, ge=0)  # CPUs per decoding actor
+    ingest_actors: int = num(0, ge=0)  # 0 = Ray Data tasks decode (once per run); N = a pool of N decoding actors
+    ingest_cpus: float = num(0.5, ge=0)  # CPUs per decoding task/actor
+    # Decoded rows are cached once per run (urbancross/train/cache.py): in memory (object store, a
+    # copy per worker) or on disk (<out_dir>/<stage>/cache, memory-mapped); auto = memory up to cache_memory_mb
+    cache: Literal["auto", "memory", "disk"] = "auto"
+    cache_memory_mb: float = num(2048, ge=0)
+    threads_per_worker: int = num(1, ge=1)  # torch threads in each Train worker (Ray sets OMP_NUM_THREADS=1 for fractional CPUs)
+    checkpoint_every: int = num(5, ge=1)  # epochs between checkpoints; the last epoch of a fit always has one
+    val_every: int = num(1, ge=1)  # epochs between validations; the last epoch of a fit always has one
+    progress_seconds: float = num(30.0, gt=0)  # a progress line (rows, rate, ETA) at most this often
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
 

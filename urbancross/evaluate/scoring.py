@@ -14,7 +14,7 @@ import torch
 
 from urbancross.config import Config, EvaluateConfig
 from urbancross.data.ingest import read_split
-from urbancross.evaluate.metrics import retrieval_metrics
+from urbancross.evaluate.metrics import real_captions, retrieval_metrics
 from urbancross.evaluate.smr import smr_rerank
 from urbancross.model.embed import embed_table
 
@@ -22,13 +22,8 @@ from urbancross.model.embed import embed_table
 def gallery(emb: Mapping[str, np.ndarray], domain: str, image_key: str = "image") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One domain's images [N,D] (`image_key`), its real captions [M,D] and each caption's image index [M]."""
     rows = np.flatnonzero(emb["domain"].astype(str) == domain)
-    images = emb[image_key][rows]
-    texts, owner = [], []
-    for i, r in enumerate(rows):
-        n = int(emb["num_captions"][r])
-        texts.append(emb["text"][r, :n])
-        owner += [i] * n
-    return images, np.concatenate(texts), np.asarray(owner, dtype=np.int64)
+    texts, owner = real_captions(emb["text"][rows], emb["num_captions"][rows])
+    return emb[image_key][rows], texts.numpy(), owner.numpy()
 
 
 def domain_metrics(emb: Mapping[str, np.ndarray], ecfg: EvaluateConfig) -> list[dict[str, Any]]:
