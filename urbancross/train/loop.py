@@ -428,6 +428,7 @@ def used_rows(rows: int, batch_size: int, world: int) -> int:
 
 def train_loop_per_worker(config: dict) -> dict:
     """Stage 1: retrieval training with adaptive curriculum sampling."""
+    began = time.perf_counter()
     cfg = config_from_dict(config["cfg"], where="<train loop>")
     w = Worker(cfg, config.get("local_checkpoints"))
     torch.manual_seed(cfg.seed)
@@ -435,12 +436,15 @@ def train_loop_per_worker(config: dict) -> dict:
     scalars = vectorize_scalars(model)
     module = RetrievalObjective(model, cfg.loss)
     engine = build_engine(module, param_groups(module, cfg.train.lr, cfg.train.weight_decay), cfg, w)
+    startup = {"startup_engine_seconds": time.perf_counter() - began}
     client, cur_state = restore(engine, config.get("resume_from"))
     scores = Curriculum.scores_from_state(cur_state if cur_state is not None else config.get("scores") or {"keys": [], "values": []})
     curriculum = Curriculum(cfg.train.curriculum, cfg.train.epochs, scores)
     start_epoch, start_step = int(client.get("epoch", 0)), int(engine.global_steps)
     samples = int(client.get("samples", 0))
+    t0 = time.perf_counter()
     cache = load_cache("train", config)
+    startup["startup_cache_seconds"] = time.perf_counter() - t0
     _start(w, cfg, "train", {"train": cache})
     val = _optional_shard("val")
     on_step = config.get("on_step")
@@ -474,6 +478,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 "loss": w.all_mean(float(np.mean(losses)) if losses else 0.0),
                 "curriculum_fraction": curriculum.fraction(epoch),
                 **clock.metrics(),
+                **startup,
             }
             metrics = end_epoch(
                 engine, w, cfg, "train", epoch, cfg.train.epochs, values, val=val, log_metrics=log_metrics, started=t0,
