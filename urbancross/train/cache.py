@@ -16,6 +16,13 @@ count's timing or Ray's block order: the rows are put in key order, one permutat
 (random resized crop, colour jitter; no flips, captions state directions) draws from
 (seed, epoch, key). So every rank knows every rank's batch sizes: no per-step barrier, and the
 curriculum selects rows before batching (nothing decoded or batched just to be dropped).
+Dropout is seeded per (seed, epoch, rank) in the loop; the initial weights from `seed`.
+
+On CPU two runs of one config give bit-identical losses and metrics (tested with 2 workers).
+On GPU the same rows, batches, augmentation draws, captions and seeds are used, but the float
+results can differ in the last bits (cuBLAS/cuDNN kernels and NCCL reductions are not bitwise
+deterministic unless `torch.use_deterministic_algorithms(True)`, which we do not set; bf16
+widens the differences); not measured here.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ and `<out_dir>/<stage>/result.json`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -189,7 +190,13 @@ def validation_inputs(cfg: Config, table: pa.Table | None):
 
 
 def _decode_task(batch: dict, cfg: Config, cache: bool = False) -> dict:
-    return ModelInputs(cfg, train=False, cache=cache)(batch)
+    return _inputs(cfg, cache)(batch)
+
+
+@functools.lru_cache(maxsize=4)
+def _inputs(cfg: Config, cache: bool) -> ModelInputs:
+    """One `ModelInputs` (tokenizer, transforms) per Ray worker process and config, not per batch."""
+    return ModelInputs(cfg, train=False, cache=cache)
 
 
 # --------------------------------------------------------------------------- trainer
