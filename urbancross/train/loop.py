@@ -2,17 +2,18 @@
 
 Both run unchanged on N CPU or GPU workers and in-process (`ScalingConfig(num_workers=0)`).
 Each builds the model, wraps it in one DeepSpeed engine, restores `ray.train.get_checkpoint()`
-when there is one, iterates its Ray Data shard (decoding happened in Ray Data), and per epoch
-saves the DeepSpeed state on every rank and reports it with `ray.train.report`. Rank 0 logs
-to MLflow and exports the final weights as a plain state dict (`save_model`).
+when there is one, trains on its stage's cached rows, and reports every epoch with
+`ray.train.report` (every `train.checkpoint_every` epochs and at the end with the DeepSpeed
+state every rank saved). Rank 0 logs to MLflow and exports the final weights as a plain
+state dict (`save_model`).
 
-Ranks must run the same number of engine steps (collectives), but curriculum filtering
-leaves them different numbers of rows: `_synced` makes every step conditional on all ranks
-having a batch, and ranks that run out early just drain their iterators.
+Inputs are decoded once per run (`urbancross.train.cache`); every rank holds all rows and
+deals itself its share of each step from one seeded permutation, so ranks always run the same
+number of engine steps (collectives) without a per-step barrier.
 
-Curriculum: each epoch trains on the easiest share of the samples (rows outside it are
-dropped from the batches, then regrouped). With `similarity_margin` difficulty, a no-grad
-pass over the shard after a rescoring epoch embeds every sample; embeddings are gathered
+Curriculum: each epoch trains on the easiest share of the samples, selected from the cache
+before batching. With `similarity_margin` difficulty, a no-grad pass over the cache after
+a rescoring epoch embeds every sample (each rank a share); embeddings are gathered
 from all ranks and scored against each other, so every rank holds the same ranking. The
 scores travel in the checkpoint, so a resumed run sees the same curriculum.
 
@@ -22,6 +23,7 @@ paths), `run_id` (MLflow run or None), `model_path` (where rank 0 exports the we
 keeps the run's checkpoints, as there is no Train storage to upload to), `scores` (cold-start
 difficulty: {"keys", "values"}), `steps_per_epoch` (adapt: for the schedule's progress),
 `resume_from` (checkpoint folder used when the run has none), `stop_epoch` (end early),
+`cache_dirs` ({dataset name: disk cache folder or None (then the Train dataset of that name)}),
 `on_step` (optional callable(rank=, epoch=, step=), a fault-injection hook for tests).
 """
 
@@ -86,13 +88,6 @@ class Worker:
         self.threads_before = torch.get_num_threads()
         self.threads = cfg.train.threads_per_worker
         torch.set_num_threads(self.threads)
-
-    def all_min(self, value: int) -> int:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return int(t.item())
 
     def all_mean(self, value: float) -> float:
         if self.world == 1:
