@@ -162,7 +162,7 @@ def training_cache(cfg: Config, table: pa.Table, stage: str) -> tuple[Any, str |
     per_row = sum(v.nbytes for v in one.values())
     total_mb = per_row * table.num_rows / 2**20
     if use_disk(cfg, table.num_rows, per_row):
-        folder = Path(cfg.out_dir) / stage / "cache" / fingerprint(cfg, [str(i) for i in table.column("image_id").to_pylist()])
+        folder = Path(cfg.out_dir) / stage / "cache" / fingerprint(cfg, table)
         batches = model_inputs(cfg, table, cache=True).iter_batches(batch_size=256, batch_format="numpy")
         out = None, write_folder(batches, table.num_rows, folder)
     else:
