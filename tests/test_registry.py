@@ -56,6 +56,16 @@ def test_decide_refuses_missing_domains_and_empty_scores():
     assert decide({}, None, 0.0, 0.0)[0] is False
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_decide_refuses_non_finite_scores(bad):
+    champ = {"A": 50.0, "B": 60.0}
+    ok, reason = decide({"A": bad, "B": 70.0}, champ, margin=0.5, max_domain_drop=2.0)
+    assert not ok and reason == f"candidate mR on A is {bad}: not a finite score"
+    assert decide({"A": bad}, None, 0.0, 0.0)[0] is False  # not even as the first version
+    ok, reason = decide({"A": 55.0, "B": 65.0}, {"A": 50.0, "B": bad}, margin=0.5, max_domain_drop=2.0)
+    assert not ok and reason == f"champion mR on B is {bad}: not a finite score"
+
+
 # --------------------------------------------------------------------------- fixtures
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 from typing import Any, Callable
 
 from urbancross.config import Config
@@ -31,10 +32,16 @@ def decide(candidate: Scores, champion: Scores | None, margin: float, max_domain
     """Promote iff mean mR beats the champion's by >= `margin` and no domain drops > `max_domain_drop`.
 
     The mean is over the champion's domains, so both sides are averaged over the same set;
-    a candidate missing one of them is refused. No champion: the candidate wins.
+    a candidate missing one of them is refused. No champion: the candidate wins. A NaN or
+    infinite score on either side refuses: every comparison with NaN is False, so an
+    unchecked NaN passes a "no domain drops" test, and +inf beats any margin.
     """
     if not candidate:
         return False, "candidate has no evaluation scores"
+    for side, scores in (("candidate", candidate), ("champion", champion or {})):
+        bad = sorted(d for d, v in scores.items() if not math.isfinite(v))
+        if bad:
+            return False, f"{side} mR on {bad[0]} is {scores[bad[0]]}: not a finite score"
     if champion is None:
         return True, "no champion yet"
     missing = sorted(set(champion) - set(candidate))
