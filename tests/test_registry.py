@@ -13,7 +13,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -318,12 +320,55 @@ def test_promote_on_the_local_store_with_given_scores(bench, tmp_path, monkeypat
     refused = promote(cfg, run_id, evaluate=given)
     assert refused["decision"] == "challenger" and refused["reason"] == "mR on B drops by 5.00 > max_domain_drop 2"
     assert promote(cfg, run_id, evaluate=given)["decision"] == "champion"  # gain +0.60 >= 0.5
-    assert seen == [f"runs:/{run_id}/model"] + [f"runs:/{run_id}/model", "models:/urbancross@champion"] * 2
+    assert seen == [f"runs:/{run_id}/model", f"runs:/{run_id}/model", "models:/urbancross/1", f"runs:/{run_id}/model", "models:/urbancross/1"]
     client = mlflow.MlflowClient(cfg.tracking_uri())
     assert int(client.get_model_version_by_alias("urbancross", "champion").version) == 3
     assert int(client.get_model_version_by_alias("urbancross", "challenger").version) == 2
     pm = mlflow.pyfunc.load_model("models:/urbancross@champion")
     assert pm.predict(pd.DataFrame({"text": ["a lake"]})).shape == (1, 128)
+
+
+def test_concurrent_promotions_only_one_moves_the_champion(bench, tmp_path, monkeypatch):
+    """Two better candidates evaluated against the same champion: the first alias move wins,
+    the second sees the champion moved since it evaluated and stays challenger."""
+    raw, weights = bench
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg(raw, tmp_path)
+    run_id = log_run(cfg, weights["random"])
+    assert promote(cfg, run_id, evaluate=lambda cfg, uri: {"A": 50.0})["version"] == 1
+    both_evaluated = threading.Barrier(2, timeout=120)
+
+    def better(cfg, uri):
+        if uri.startswith("models:/"):
+            both_evaluated.wait()  # both read champion v1 before either moves it
+            return {"A": 50.0}
+        return {"A": 60.0}
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: promote(cfg, run_id, evaluate=better), range(2)))
+    assert sorted(r["decision"] for r in results) == ["challenger", "champion"]
+    winner, loser = sorted(results, key=lambda r: r["decision"] != "champion")
+    assert loser["reason"] == f"champion moved from v1 to v{winner['version']} during evaluation: promote again to compare with it"
+    assert winner["champion_version"] == loser["champion_version"] == 1
+    client = mlflow.MlflowClient(cfg.tracking_uri())
+    assert int(client.get_model_version_by_alias("urbancross", "champion").version) == winner["version"]
+    assert client.get_model_version("urbancross", str(loser["version"])).tags["promote.decision"] == "challenger"
+    assert [m.name for m in client.search_registered_models()] == ["urbancross"]  # the lock is gone
+
+
+def test_alias_lock_waits_then_names_the_lock(bench, tmp_path, monkeypatch):
+    from urbancross.registry.promote import alias_lock
+
+    raw, _ = bench
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg(raw, tmp_path)
+    client = mlflow.MlflowClient(cfg.tracking_uri())
+    with alias_lock(client, "m"):
+        with pytest.raises(RegistryError, match=r"m\.promote-lock held for over 0.3s"):
+            with alias_lock(client, "m", wait=0.3):
+                pass
+    with alias_lock(client, "m", wait=0.3):  # released
+        pass
 
 
 @pytest.mark.ray
