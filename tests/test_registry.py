@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from payload import plant  # tests/ helper
 from urbancross.cli import main
 from urbancross.config import config_from_dict
 from urbancross.model.pyfunc import load_urbancross, log_model
@@ -226,6 +227,38 @@ def test_pyfunc_maps_text_and_images_to_the_models_embeddings(bench, tmp_path, m
     np.testing.assert_allclose(got[order], want["image"], atol=1e-5)
     with pytest.raises(Exception, match="exactly one of the columns"):
         pm.predict(pd.DataFrame({"text": ["a"], "image": [b"x"]}))
+
+
+def test_promote_index_and_search_never_unpickle_a_logged_model(bench, tmp_path, monkeypatch):
+    """A planted python_model.pkl runs code only through the serving pyfunc, not our commands;
+    planted weights are refused."""
+    from urbancross.model.factory import CheckpointError
+    from urbancross.registry.promote import evaluate_model_uri
+
+    raw, weights = bench
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg(raw, tmp_path)
+    with mlflow_run(cfg, "train"):
+        uri = log_model(weights["trained"], cfg)
+    (pkl,) = (tmp_path / "run").rglob("python_model.pkl")
+    marker = tmp_path / "pwned"
+    plant(pkl, marker, torch_format=False)  # cloudpickle's file: a bare pickle
+
+    assert set(evaluate_model_uri(cfg, uri)) == {"Finland", "Germany", "Spain"}  # promote's evaluation
+    index = str(tmp_path / "index.parquet")
+    assert build_index(uri, cfg.data.manifest, index, cfg, split="test", use_ray=False)["images"] == 18
+    image_id, caption = first_test_caption(cfg)
+    assert search(uri, index, caption, top=1)[0]["image_id"] == image_id
+    assert not marker.exists()
+
+    (weights_file,) = pkl.parent.glob("artifacts/*.pt")
+    plant(weights_file, marker, lambda p: {"state_dict": p})
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_urbancross(uri)
+    assert not marker.exists()
+    with pytest.raises(AttributeError):  # the serving path does unpickle: the plant is live
+        mlflow.pyfunc.load_model(uri)
+    assert marker.read_text() == "pwned"
 
 
 # --------------------------------------------------------------------------- promotion

@@ -15,7 +15,7 @@ from typing import Callable
 import open_clip
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from open_clip.factory import get_model_config, load_state_dict
+from open_clip.factory import get_model_config
 from torchvision import transforms as T
 
 from urbancross import atomic
@@ -125,7 +125,7 @@ def load_weights(model: UrbanCrossModel, path: str, preset: str = "?") -> None:
     if not preset.endswith("quickgelu") and preset != "tiny" and any(h in Path(path).name.lower() for h in OPENAI_INIT_HINTS):
         log.warning("%s looks OpenAI-initialised; such checkpoints need the '%s-quickgelu' preset", path, preset)
     try:
-        state = load_state_dict(path)
+        state = read_state_dict(path)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise CheckpointError(f"{path}: not a readable checkpoint: {e}") from e
     if any(k.startswith("clip.") for k in state):
@@ -137,6 +137,27 @@ def load_weights(model: UrbanCrossModel, path: str, preset: str = "?") -> None:
     except Exception as e:  # noqa: BLE001 - open_clip signals misfits with Runtime/Key/AssertionError
         _check_fit(model.clip, state, path, preset)
         raise CheckpointError(f"{path}: does not fit model preset {preset!r}: {e}") from e
+
+
+def read_state_dict(path: str) -> dict:
+    """The tensors of a checkpoint file, read as data: safetensors, else `torch.load(weights_only=True)`.
+
+    Ours rather than open_clip's `load_state_dict`, which retries with a plain `torch.load` on a
+    TypeError: a crafted file could raise one and get a second, weaker unpickling.
+    """
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path, device="cpu")
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{path}: holds no state dict")
+    if next(iter(state)).startswith("module."):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
 
 
 def _check_fit(module: torch.nn.Module, state: dict, path: str, preset: str) -> None:

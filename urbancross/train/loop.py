@@ -49,6 +49,7 @@ from urbancross.evaluate.metrics import retrieval_metrics
 from urbancross.model.factory import create_model, save_model
 from urbancross.tracking import log_metrics, mlflow_run
 from urbancross.train.adversarial import AdaptObjective, AdaptSchedule
+from urbancross.train.checkpoint_io import load_weights_only
 from urbancross.train.curriculum import Curriculum, keep_mask, margin_difficulty, update_scores
 from urbancross.train.deepspeed_config import deepspeed_config, use_bf16
 from urbancross.train.objective import RetrievalObjective, restore_scalars, vectorize_scalars
@@ -206,6 +207,7 @@ def build_engine(module: nn.Module, groups: list[dict], cfg: Config, w: Worker):
 
     optimizer = torch.optim.AdamW(groups)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg.train, w.world))
+    load_weights_only(engine)  # resume reads checkpoints as data (DeepSpeed's own load unpickles code)
     return engine
 
 
