@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,12 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from payload import plant  # tests/ helper
+from servers import free_port
+from servers import mlflow_server as start_mlflow_server
 from urbancross.cli import main
 from urbancross.config import config_from_dict
 from urbancross.model.pyfunc import load_urbancross, log_model
 from urbancross.registry.promote import decide, promote
 from urbancross.registry.search import build_index, read_index, search, top_k
-from urbancross.tracking import RegistryError, check_tracking_server, mlflow_run
+from urbancross.tracking import RegistryError, mlflow_run
 
 # --------------------------------------------------------------------------- decide (pure)
 
@@ -137,41 +135,11 @@ def bench(tmp_path_factory):
     return raw, weights
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on a free local port (SQLite backend, proxied artifacts)."""
-    root = tmp_path_factory.mktemp("server")
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    exe = str(Path(sys.executable).with_name("mlflow"))
-    cmd = [exe, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")]
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                check_tracking_server(uri, timeout=1.0)
-                break
-            except RegistryError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.5)
+    with start_mlflow_server(tmp_path_factory.mktemp("server")) as uri:
         yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its workers only
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def make_cfg(raw: dict, tmp_path: Path, tracking_uri: str = "", **sections):

@@ -18,6 +18,7 @@ import os
 import reprlib
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -321,6 +322,15 @@ class MLflowConfig(Section):
     tracking_uri: str = ""
     experiment: str = "urbancross"
     registered_model: str = "urbancross"
+
+    def check(self) -> None:
+        # A config is logged as run params and saved beside every run: credentials never go in
+        # it. MLflow's client reads them from MLFLOW_TRACKING_USERNAME/_PASSWORD (or _TOKEN).
+        require(
+            "@" not in urllib.parse.urlsplit(self.tracking_uri).netloc,
+            "tracking_uri must not hold credentials (user:password@host); export MLFLOW_TRACKING_USERNAME "
+            "and MLFLOW_TRACKING_PASSWORD instead (the URI is not shown: it holds a secret)",
+        )
 
 
 @dataclass(frozen=True)
