@@ -25,7 +25,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
-from urbancross import atomic
+from urbancross import atomic, storage
 
 
 class ConfigError(ValueError):
@@ -412,7 +412,10 @@ class Config(Section):
         """
         if self.mlflow.tracking_uri:
             return self.mlflow.tracking_uri
-        return "sqlite:///" + str((Path(self.out_dir) / "mlflow.db").resolve())
+        local = storage.local_path(self.out_dir)  # `file://` too; Path() would make `file:/...` a relative folder
+        if local is None:
+            raise ConfigError(f"mlflow.tracking_uri is empty and out_dir {show(self.out_dir)} is remote: set a tracking server URI")
+        return "sqlite:///" + str(Path(local) / "mlflow.db")
 
 
 # --------------------------------------------------------------------------- loading
@@ -521,9 +524,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def dump_config(cfg: Config) -> str:
+    """`cfg` as YAML text; `load_config` reads it back unchanged."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write `cfg` as YAML atomically; `load_config` reads it back unchanged."""
-    atomic.write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic.write_text(path, dump_config(cfg))
 
 
 def from_dict(cls: type, raw: Any, where: str = "<dict>", prefix: str = ""):
@@ -670,6 +678,7 @@ __all__ = [
     "num",
     "read_yaml_file",
     "require",
+    "dump_config",
     "save_config",
     "show",
 ]

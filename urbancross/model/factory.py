@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import posixpath
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +20,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.factory import get_model_config
 from torchvision import transforms as T
 
-from urbancross import atomic
+from urbancross import storage
 from urbancross.config import ModelConfig
 from urbancross.model.model import UrbanCrossModel
 
@@ -116,7 +118,17 @@ def create_model(cfg: ModelConfig, *, pretrained: str | None = None) -> UrbanCro
 
 
 def load_weights(model: UrbanCrossModel, path: str, preset: str = "?") -> None:
-    """Load a local checkpoint into `model`; a checkpoint that does not fit raises `CheckpointError`."""
+    """Load a checkpoint (a local path or a storage URI) into `model`; a misfit raises `CheckpointError`."""
+    if storage.is_remote(path):
+        local = storage.local_path(path)
+        if local is None:  # object storage: fetch once into a temporary file (open_clip's loader wants a path)
+            if not storage.is_file(path):
+                raise CheckpointError(f"model.pretrained: {path!r} not found")
+            with tempfile.TemporaryDirectory() as tmp:
+                copy = os.path.join(tmp, posixpath.basename(path))
+                Path(copy).write_bytes(storage.read_bytes(path))
+                return load_weights(model, copy, preset)
+        path = local
     if not os.path.isfile(path):
         raise CheckpointError(
             f"model.pretrained: {path!r} is not a local checkpoint file (weights are never downloaded; "
@@ -186,4 +198,4 @@ def _check_fit(module: torch.nn.Module, state: dict, path: str, preset: str) -> 
 def save_model(model: UrbanCrossModel, path: str | os.PathLike) -> None:
     """Write the full state dict atomically; `create_model(cfg, pretrained=path)` loads it back."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic.write_file(path, lambda tmp: torch.save({"state_dict": state}, tmp))
+    storage.write_with(path, lambda f: torch.save({"state_dict": state}, f))  # a local path or a storage URI
