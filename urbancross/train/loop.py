@@ -47,7 +47,7 @@ from urbancross.config import Config, config_from_dict
 from urbancross.data.ingest import pick_caption
 from urbancross.evaluate.metrics import retrieval_metrics
 from urbancross.model.factory import create_model, save_model
-from urbancross.tracking import log_metrics, mlflow_run
+from urbancross.tracking import MetricLog
 from urbancross.train.adversarial import AdaptObjective, AdaptSchedule
 from urbancross.train.checkpoint_io import load_weights_only
 from urbancross.train.curriculum import Curriculum, keep_mask, margin_difficulty, update_scores
@@ -305,12 +305,16 @@ def validate(engine, shard, cfg: Config, w: Worker) -> dict[str, float]:
 
 @contextlib.contextmanager
 def tracking(cfg: Config, run_id: str | None, w: Worker):
-    """Rank 0 resumes the MLflow run the driver created; other ranks log nothing."""
+    """Rank 0 logs into the MLflow run the driver created (a `MetricLog`: an outage never ends
+    training; the driver closes the run); other ranks log nothing."""
     if w.rank != 0 or not run_id:
         yield lambda metrics, step: None
         return
-    with mlflow_run(cfg, "", run_id=run_id):
-        yield log_metrics
+    metric_log = MetricLog(cfg.tracking_uri(), run_id)
+    try:
+        yield metric_log
+    finally:
+        metric_log.close()
 
 
 def end_epoch(
@@ -331,8 +335,8 @@ def end_epoch(
         "start_step": start[1],
         **validate(engine, val, cfg, w),
     }
+    save_and_report(engine, w, metrics, client, curriculum)  # first: a tracking outage must not cost the epoch
     log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "start_epoch", "start_step")}, epoch + 1)
-    save_and_report(engine, w, metrics, client, curriculum)
     if w.rank == 0:
         log.info("%s epoch %d/%d: %s", stage, epoch + 1, epochs, _fmt(metrics))
     return metrics
