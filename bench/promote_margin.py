@@ -80,6 +80,7 @@ def main() -> None:
         "sd_of_difference": sd * math.sqrt(2),
         "max_pairwise_difference": max((abs(a - b) for a, b in itertools.combinations(gate, 2)), default=float("nan")),
         "suggested_margin": Z * sd * math.sqrt(2),
+        "per_domain_sd": {d: statistics.stdev(r["mR"][d] for r in rows) if len(rows) > 1 else float("nan") for d in rows[0]["mR"]},
         "configured_margin": base.promote.margin,
     }
     summary["configured_margin_over_sd_of_difference"] = summary["configured_margin"] / summary["sd_of_difference"]
