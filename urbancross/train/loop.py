@@ -240,6 +240,17 @@ def _save(engine, folder: str, w: Worker, client: dict, curriculum: dict | None)
         np.savez(os.path.join(folder, CURRICULUM_FILE), **curriculum)
 
 
+def staging_dir(rank: int) -> str:
+    """A new, empty folder for one rank's checkpoint shard before Ray uploads it.
+
+    Unique per call: Tune trials on one node run Train runs with the same name (`train`), and
+    a fixed `<name>/rank<r>` folder let one trial's save overwrite or delete another's.
+    """
+    root = os.path.join(tempfile.gettempdir(), "urbancross-ckpt")
+    os.makedirs(root, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f"rank{rank}-", dir=root)
+
+
 def save_and_report(engine, w: Worker, metrics: dict, client: dict, curriculum: dict | None = None) -> None:
     """Every rank saves its DeepSpeed shard into one staging dir and reports it.
 
@@ -252,13 +263,21 @@ def save_and_report(engine, w: Worker, metrics: dict, client: dict, curriculum: 
     from ray.train import Checkpoint
 
     if w.local_checkpoints is None:
-        staging = os.path.join(tempfile.gettempdir(), "urbancross-ckpt", w.name, f"rank{w.rank}")
-        _save(engine, staging, w, client, curriculum)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(staging), delete_local_checkpoint_after_upload=True)
+        staging = staging_dir(w.rank)
+        try:
+            _save(engine, staging, w, client, curriculum)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(staging), delete_local_checkpoint_after_upload=True)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # e.g. disk full: no half checkpoint left in /tmp
+            raise
         return
     name = f"epoch_{int(metrics['epoch']):06d}"
     partial, final = (os.path.join(w.local_checkpoints, n) for n in (f".{name}.partial", name))
-    _save(engine, partial, w, client, curriculum)
+    try:
+        _save(engine, partial, w, client, curriculum)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # the previous epoch's checkpoint stays the latest
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(final), delete_local_checkpoint_after_upload=False)
