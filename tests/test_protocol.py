@@ -57,9 +57,8 @@ def test_validation_and_test_metrics_agree_on_the_same_split(tmp_path):
     model = create_model(cfg.model).eval()
     (test,) = evaluate_model(model, cfg, manifest, "val")
     assert test["texts"] == 17  # the real captions, not 10 x 5 slots
-    w = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, rank=0, world=1)
-    engine = SimpleNamespace(module=RetrievalObjective(model, cfg.loss))  # what validate reads below ZeRO-3
-    val = validate(engine, _Shard(cfg, read_split(cfg, "val")), cfg, w)
+    w = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
+    val = validate(RetrievalObjective(model, cfg.loss), _Shard(cfg, read_split(cfg, "val")), cfg, w)
     metrics = {k: v for k, v in test.items() if k.startswith(("i2t_", "t2i_", "mR"))}
     assert len(metrics) == 7
     assert {k: val[f"val_{k}"] for k in metrics} == pytest.approx(metrics, abs=1e-9)

@@ -290,16 +290,8 @@ class TrainConfig(Section):
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
     domain: str = ""  # training domain; empty = data.source_domain, "all" = every domain
     val_images: int = num(64, ge=0)  # validation slice (val split, else held out of the train split)
-    ingest_actors: int = num(0, ge=0)  # 0 = Ray Data tasks decode (once per run); N = a pool of N decoding actors
-    ingest_cpus: float = num(0.5, ge=0)  # CPUs per decoding task/actor
-    # Decoded rows are cached once per run (urbancross/train/cache.py): in memory (object store, a
-    # copy per worker) or on disk (<out_dir>/<stage>/cache, memory-mapped); auto = memory up to cache_memory_mb
-    cache: Literal["auto", "memory", "disk"] = "auto"
-    cache_memory_mb: float = num(2048, ge=0)
-    threads_per_worker: int = num(1, ge=1)  # torch threads in each Train worker (Ray sets OMP_NUM_THREADS=1 for fractional CPUs)
-    checkpoint_every: int = num(5, ge=1)  # epochs between checkpoints; the last epoch of a fit always has one
-    val_every: int = num(1, ge=1)  # epochs between validations; the last epoch of a fit always has one
-    progress_seconds: float = num(30.0, gt=0)  # a progress line (rows, rate, ETA) at most this often
+    ingest_actors: int = num(0, ge=0)  # 0 = Ray Data tasks (workers reused across epochs); N = a pool of N decoding actors
+    ingest_cpus: float = num(0.5, ge=0)  # CPUs per decoding actor
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
 

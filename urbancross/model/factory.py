@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import open_clip
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
@@ -97,26 +96,6 @@ def image_transform(cfg: ModelConfig, train: bool) -> Callable:
         steps.append(T.ColorJitter(brightness=j, contrast=j, saturation=j, hue=j / 10))
     steps += [T.ToTensor(), T.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)]
     return T.Compose(steps)
-
-
-def cache_transform(cfg: ModelConfig) -> Callable:
-    """PIL image -> uint8 array [3,H,W]: the evaluation geometry (resize, centre crop) before
-    `ToTensor`/`Normalize`, so decoded images can be cached compactly; `normalize` finishes it."""
-    size = image_size(cfg)
-    geometry = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)])
-
-    def transform(img):
-        return np.ascontiguousarray(np.asarray(geometry(_to_rgb(img)), dtype=np.uint8).transpose(2, 0, 1))
-
-    return transform
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (or [0, 1] float) images [...,3,H,W] -> the float input the towers take."""
-    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    mean = torch.tensor(OPENAI_DATASET_MEAN, device=x.device).view(3, 1, 1)
-    std = torch.tensor(OPENAI_DATASET_STD, device=x.device).view(3, 1, 1)
-    return (x - mean) / std
 
 
 def create_model(cfg: ModelConfig, *, pretrained: str | None = None) -> UrbanCrossModel:

@@ -14,7 +14,7 @@ import numpy as np
 from urbancross.config import Config
 from urbancross.data.ingest import CAPTIONS_PER_SAMPLE, caption_texts, label_id, sample_key
 from urbancross.data.manifest import decode_image, image_bytes
-from urbancross.model.factory import cache_transform, get_tokenizer, image_transform
+from urbancross.model.factory import get_tokenizer, image_transform
 
 
 class ModelInputs:
@@ -28,21 +28,15 @@ class ModelInputs:
     (S = data.num_segments; True only for the row's `num_real_segments` real SAM segments: the
     grid fills preprocessing pads with are not segments, so they are neither decoded nor seen by
     the fusion or the segment losses), and with
-    `keep_ids=True` also `image_id` and `domain` (strings, for inference). `cache=True`: images
-    and segments uint8 in the evaluation geometry, tokens int32 (what training caches).
+    `keep_ids=True` also `image_id` and `domain` (strings, for inference).
     """
 
-    def __init__(self, cfg: Config, train: bool, keep_ids: bool = False, root: str = "", cache: bool = False):
+    def __init__(self, cfg: Config, train: bool, keep_ids: bool = False, root: str = ""):
         self.cfg = cfg
         self.keep_ids = keep_ids
         self.root = root or cfg.data.root or os.path.dirname(os.path.abspath(cfg.data.manifest or "."))
-        self.dtype = np.uint8 if cache else np.float32
-        if cache:  # decoded once per run: uint8, not augmented, tokens int32 (`urbancross.train.cache`)
-            self.transform = self.segment_transform = cache_transform(cfg.model)
-        else:
-            self.transform = image_transform(cfg.model, train=train and cfg.data.augment)
-            self.segment_transform = image_transform(cfg.model, train=False)
-        self.tokens_dtype = np.int32 if cache else np.int64
+        self.transform = image_transform(cfg.model, train=train and cfg.data.augment)
+        self.segment_transform = image_transform(cfg.model, train=False)
         self.tokenize = get_tokenizer(cfg.model)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -53,7 +47,7 @@ class ModelInputs:
             caps = caption_texts(r, self.cfg)
             captions.extend(caps[i % len(caps)] for i in range(CAPTIONS_PER_SAMPLE))
             counts.append(min(len(caps), CAPTIONS_PER_SAMPLE))
-        tokens = np.asarray(self.tokenize(captions), dtype=self.tokens_dtype)
+        tokens = np.asarray(self.tokenize(captions), dtype=np.int64)
         out = {
             "key": np.array([sample_key(str(r["image_id"])) for r in rows], dtype=np.int64),
             "label": np.array([label_id(r.get("label")) for r in rows], dtype=np.int64),
@@ -71,17 +65,17 @@ class ModelInputs:
     def _image(self, row: dict[str, Any]) -> np.ndarray:
         where = row.get("source") or str(row["image_id"])
         img = decode_image(image_bytes(row, self.root), where)
-        return np.asarray(self.transform(img), dtype=self.dtype)
+        return np.asarray(self.transform(img), dtype=np.float32)
 
     def _segments(self, rows: list[dict[str, Any]], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
         s = self.cfg.data.num_segments
-        segs = np.zeros((len(rows), s, *shape), dtype=self.dtype)
+        segs = np.zeros((len(rows), s, *shape), dtype=np.float32)
         mask = np.zeros((len(rows), s), dtype=bool)
         for i, r in enumerate(rows):
             stored = list(r.get("segments") if r.get("segments") is not None else [])
             real = r.get("num_real_segments")
             for j, data in enumerate(stored[: min(s, len(stored) if real is None else int(real))]):
                 where = f"{r.get('source') or r['image_id']} segment {j}"
-                segs[i, j] = np.asarray(self.segment_transform(decode_image(data, where)), dtype=self.dtype)
+                segs[i, j] = np.asarray(self.segment_transform(decode_image(data, where)), dtype=np.float32)
                 mask[i, j] = True
         return segs, mask

@@ -1,9 +1,7 @@
 """TorchTrainer glue for stage 1 (`run_train`) and stage 2 (`run_adapt`).
 
-The driver reads the manifest splits, decodes each stage's rows once (Ray Data, then cached in
-the object store or on disk: `urbancross.train.cache`), creates the MLflow run and the
-`TorchTrainer`, and writes the result. Per-epoch work (shuffle, augmentation, curriculum
-selection) happens in the workers on the cached arrays.
+The driver reads the manifest splits, builds the Ray Datasets (decoding and augmentation in
+Ray Data actors), creates the MLflow run and the `TorchTrainer`, and writes the result.
 
 Resume (Train V2 has no `resume_from_checkpoint`): every fresh run gets a new name
 `<stage>-<time>` under `<out_dir>/ray_results`, recorded in `<out_dir>/<stage>/run.json`;
@@ -34,7 +32,6 @@ from urbancross.data.ingest import caption_texts, read_split, sample_key
 from urbancross.data.manifest import ManifestError, read_manifest
 from urbancross.model.inputs import ModelInputs
 from urbancross.tracking import log_json_artifact, mlflow_run
-from urbancross.train.cache import fingerprint, use_disk, write_folder
 from urbancross.train.curriculum import caption_complexity
 from urbancross.train.loop import adapt_loop_per_worker, train_loop_per_worker
 
@@ -141,53 +138,27 @@ def note_missing_labels(cfg: Config, table: pa.Table, stage: str) -> bool:
     return True
 
 
-def model_inputs(cfg: Config, table: pa.Table, cache: bool = False):
-    """Manifest rows -> Ray Dataset of decoded arrays (`ModelInputs`; `cache=True`: the compact
-    uint8 form training caches).
+def model_inputs(cfg: Config, table: pa.Table, train: bool):
+    """Manifest rows -> Ray Dataset of model-ready arrays, decoded/augmented in Ray Data.
 
     `train.ingest_actors` >= 1: a pool of `ModelInputs` actors (tokenizer built once per
-    actor). 0: plain tasks (no actor start-up; best for tiny data on few CPUs).
+    actor; best for long epochs). 0: plain tasks, whose worker processes Ray reuses across
+    epochs (no actor start-up per epoch; best for tiny data on few CPUs).
     """
     import ray.data
 
     blocks = max(1, min(table.num_rows, 4 * max(1, cfg.train.num_workers)))
     step = math.ceil(table.num_rows / blocks)
     ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
-    common = {"batch_format": "numpy", "batch_size": max(cfg.train.batch_size, 64), "num_cpus": cfg.train.ingest_cpus}
+    common = {"batch_format": "numpy", "batch_size": cfg.train.batch_size, "num_cpus": cfg.train.ingest_cpus}
     if cfg.train.ingest_actors == 0:
-        return ds.map_batches(_decode_task, fn_kwargs={"cfg": cfg, "cache": cache}, **common)
+        return ds.map_batches(_decode_task, fn_kwargs={"cfg": cfg, "train": train}, **common)
     return ds.map_batches(
         ModelInputs,
-        fn_constructor_kwargs={"cfg": cfg, "train": False, "cache": cache},
+        fn_constructor_kwargs={"cfg": cfg, "train": train},
         compute=ray.data.ActorPoolStrategy(size=cfg.train.ingest_actors),
         **common,
     )
-
-
-def training_cache(cfg: Config, table: pa.Table, stage: str) -> tuple[Any, str | None]:
-    """Decode a stage's rows once for the whole run (see `urbancross.train.cache`):
-    (materialized dataset, None) in memory, or (None, folder) on disk."""
-    t0 = time.perf_counter()
-    one = _decode_task({k: _column(v) for k, v in table.slice(0, 1).to_pydict().items()}, cfg, cache=True)
-    per_row = sum(v.nbytes for v in one.values())
-    total_mb = per_row * table.num_rows / 2**20
-    if use_disk(cfg, table.num_rows, per_row):
-        folder = Path(cfg.out_dir) / stage / "cache" / fingerprint(cfg, [str(i) for i in table.column("image_id").to_pylist()])
-        batches = model_inputs(cfg, table, cache=True).iter_batches(batch_size=256, batch_format="numpy")
-        out = None, write_folder(batches, table.num_rows, folder)
-    else:
-        out = model_inputs(cfg, table, cache=True).materialize(), None
-    where = f"disk ({out[1]})" if out[1] else "memory (object store; each worker keeps a copy)"
-    log.info("%s: %d rows decoded once, %.1f MB, cached in %s in %.1fs", stage, table.num_rows, total_mb, where, time.perf_counter() - t0)
-    return out
-
-
-def _column(values: list):
-    import numpy as np
-
-    arr = np.empty(len(values), dtype=object)
-    arr[:] = values
-    return arr
 
 
 def validation_inputs(cfg: Config, table: pa.Table | None):
@@ -196,11 +167,11 @@ def validation_inputs(cfg: Config, table: pa.Table | None):
     Re-executing a small per-worker dataset every epoch next to the training split stalls the
     training epoch that follows it (Ray 2.60).
     """
-    return None if table is None else model_inputs(cfg, table).materialize()
+    return None if table is None else model_inputs(cfg, table, train=False).materialize()
 
 
-def _decode_task(batch: dict, cfg: Config, cache: bool = False) -> dict:
-    return ModelInputs(cfg, train=False, cache=cache)(batch)
+def _decode_task(batch: dict, cfg: Config, train: bool) -> dict:
+    return ModelInputs(cfg, train)(batch)
 
 
 # --------------------------------------------------------------------------- trainer
@@ -300,11 +271,10 @@ def run_train(cfg: Config, resume: bool = False, **options) -> dict:
     check_disjoint(cfg, table, val)
     log.info("train: %d images (%s), validation %d", table.num_rows, domain or "all domains", 0 if val is None else val.num_rows)
     note_missing_labels(cfg, table, "train")
-    train, train_dir = training_cache(cfg, table, "train")
-    datasets = {"train": train, "val": validation_inputs(cfg, val)}
-    loop_config = {"scores": difficulty_scores(cfg, table), "init_model": cfg.model.pretrained, "cache_dirs": {"train": train_dir}}
+    datasets = {"train": model_inputs(cfg, table, train=True), "val": validation_inputs(cfg, val)}
+    loop_config = {"scores": difficulty_scores(cfg, table), "init_model": cfg.model.pretrained}
     meta = {"trained_on": domain or "all", "adapted_to": None}
-    return _fit(cfg, "train", train_loop_per_worker, loop_config, datasets, [], state, options, meta)
+    return _fit(cfg, "train", train_loop_per_worker, loop_config, datasets, ["train"], state, options, meta)
 
 
 def stage1_model(cfg: Config) -> str:
@@ -332,12 +302,14 @@ def run_adapt(cfg: Config, resume: bool = False, **options) -> dict:
     check_disjoint(cfg, source, target, val)
     log.info("adapt: source %d images (%s), target %d (%s)", source.num_rows, cfg.data.source_domain, target.num_rows, cfg.data.target_domain)
     note_missing_labels(cfg, source, "adapt")
-    (source_ds, source_dir), (target_ds, target_dir) = training_cache(cfg, source, "adapt"), training_cache(cfg, target, "adapt")
-    datasets = {"source": source_ds, "target": target_ds, "val": validation_inputs(cfg, val)}
+    datasets = {
+        "source": model_inputs(cfg, source, train=True),
+        "target": model_inputs(cfg, target, train=True),
+        "val": validation_inputs(cfg, val),
+    }
     loop_config = {
         "init_model": init_model,
         "steps_per_epoch": math.ceil(source.num_rows / (cfg.train.batch_size * max(1, cfg.train.num_workers))),
-        "cache_dirs": {"source": source_dir, "target": target_dir},
     }
     meta = {"trained_on": cfg.data.source_domain, "adapted_to": cfg.data.target_domain}
-    return _fit(cfg, "adapt", adapt_loop_per_worker, loop_config, datasets, [], state, options, meta)
+    return _fit(cfg, "adapt", adapt_loop_per_worker, loop_config, datasets, ["source", "target"], state, options, meta)
