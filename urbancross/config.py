@@ -69,19 +69,14 @@ class Section:
 
 @dataclass(frozen=True)
 class SynthConfig(Section):
-    """The embedded benchmark (procedural satellite-like tiles with captions).
-
-    Every domain is split train/val/test by the same seeded fractions (the reference's
-    70/10/20): the source trains and validates, the target's train images adapt and its val
-    chooses the adapted model, and test images are only ever reported.
-    """
+    """The embedded benchmark (procedural satellite-like tiles with captions)."""
 
     domains: tuple[str, ...] = ("Finland", "Germany", "Spain")
     images_per_domain: int = num(120, ge=2)
     image_size: int = num(64, ge=32, le=4096)
     captions_per_image: int = num(5, ge=1, le=10)
-    test_fraction: float = num(0.2, ge=0, lt=1)
-    val_fraction: float = num(0.1, ge=0, lt=1)
+    test_fraction: float = num(0.25, ge=0, lt=1)
+    val_fraction: float = num(0.0, ge=0, lt=1)
     near_duplicate_fraction: float = num(0.5, ge=0, le=1)  # chance an image is a one-element variant of the previous one
     seed: int = num(0, ge=0)
 
@@ -117,20 +112,6 @@ class DataConfig(Section):
     # A larger image is a bad row at import, checked from its header before decoding (a 24 KB
     # file can expand to 196 Mpx): preprocess.max_image_side squared, 200 MB decoded as RGB.
     max_image_pixels: int = num(8192 * 8192, ge=1)
-    # Splits made at import, seeded by split_seed over the sorted image names (order-free): a
-    # release without splits (the UrbanCross CSV) is cut into train/val/test by these shares of
-    # each country's images (the reference's 70/10/20; every country, the target too, gets the
-    # same cut: its train images adapt, its val chooses, its test is only reported); a release
-    # with train and test but no val gets round(val_fraction * images) of its train images as val.
-    val_fraction: float = num(0.1, ge=0, lt=1)
-    test_fraction: float = num(0.2, ge=0, lt=1)
-    split_seed: int = num(0, ge=0)
-
-    def check(self) -> None:
-        require(
-            self.val_fraction + self.test_fraction < 1,
-            f"val_fraction + test_fraction must be < 1, got {self.val_fraction} + {self.test_fraction}",
-        )
 
 
 @dataclass(frozen=True)
@@ -300,21 +281,16 @@ class AdaptConfig(Section):
     """Weighted adversarial fine-tuning from a trained checkpoint (stage 2)."""
 
     checkpoint: str = ""  # stage-1 model: a model.pt or a folder holding one; empty = <out_dir>/train
-    epochs: int = num(5, ge=1)  # 5 passes: the kept share reaches 100% in the last (the reference's 5 cycles)
+    epochs: int = num(4, ge=1)
     lr: float = num(1e-4, gt=0)
-    # Kept share of each source batch, most target-like first: select_fraction in the first pass,
-    # + select_growth per pass up to 1 (the reference: 0.2 + 0.2 * cycle); curriculum off = fixed.
-    select_fraction: float = num(0.2, gt=0, le=1)
-    select_growth: float = num(0.2, ge=0, le=1)
-    curriculum: bool = True
-    # Weights of the kept rows: target-likeness min-max scaled into [weight_floor, 1], mean 1.
-    # 0 = the reference's exact scaling (its least target-like kept row gets weight 0).
-    weight_floor: float = num(0.5, ge=0, le=1)
-    weighted_term: Literal["domain", "retrieval"] = "domain"  # the reference weights the adversarial term
+    select_fraction: float = num(0.5, gt=0, le=1)  # share of each source batch selected (most target-like first)
+    curriculum: bool = True  # move the selection window from easiest to harder slices over the passes
+    slices: int = num(5, ge=1)  # positions of the window (5 = quintiles when select_fraction = 0.2)
+    curriculum_length: float = num(1.0, gt=0, le=1)  # share of the passes after which the hardest slice is reached
     disc_hidden: int = num(0, ge=0)  # 0 = the embedding dimension
     disc_depth: int = num(2, ge=1)
     disc_lr: float = num(1e-3, gt=0)
-    disc_inputs: Literal["image", "image_text"] = "image"  # embeddings the discriminator sees (reference: image)
+    disc_inputs: Literal["image_text", "image"] = "image_text"  # embeddings the discriminator sees
     mode: Literal["grl", "alternating"] = "grl"
     schedule: Literal["constant", "linear", "dann"] = "dann"
     gamma: float = num(10.0, gt=0)

@@ -13,7 +13,7 @@ import torch
 
 from urbancross.config import Config, EvaluateConfig
 from urbancross.data.ingest import read_split
-from urbancross.evaluate.metrics import real_captions, retrieval_metrics
+from urbancross.evaluate.metrics import retrieval_metrics
 from urbancross.evaluate.smr import smr_rerank
 from urbancross.model.embed import embed_table
 
@@ -21,8 +21,13 @@ from urbancross.model.embed import embed_table
 def gallery(emb: Mapping[str, np.ndarray], domain: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One domain's images [N,D], its real captions [M,D] and each caption's image index [M]."""
     rows = np.flatnonzero(emb["domain"].astype(str) == domain)
-    texts, owner = real_captions(emb["text"][rows], emb["num_captions"][rows])
-    return emb["image"][rows], texts.numpy(), owner.numpy()
+    images = emb["image"][rows]
+    texts, owner = [], []
+    for i, r in enumerate(rows):
+        n = int(emb["num_captions"][r])
+        texts.append(emb["text"][r, :n])
+        owner += [i] * n
+    return images, np.concatenate(texts), np.asarray(owner, dtype=np.int64)
 
 
 def domain_metrics(emb: Mapping[str, np.ndarray], ecfg: EvaluateConfig) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from urbancross.config import Config
+from urbancross.data.ingest import caption_texts
 from urbancross.model.factory import create_model
 from urbancross.model.inputs import ModelInputs
 
@@ -72,7 +73,8 @@ def embed_rows(model: nn.Module, inputs: ModelInputs, rows: Mapping[str, np.ndar
         return out
     b, c = x["tokens"].shape[:2]
     out["text"] = text.reshape(b, c, -1).float().numpy()
-    out["num_captions"] = x["num_captions"]
+    records = [dict(zip(rows, values)) for values in zip(*rows.values())]
+    out["num_captions"] = np.array([min(len(caption_texts(r, cfg)), c) for r in records], dtype=np.int64)
     return out
 
 

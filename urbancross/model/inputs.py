@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from urbancross.config import Config
-from urbancross.data.ingest import CAPTIONS_PER_SAMPLE, caption_texts, label_id, sample_key
+from urbancross.data.ingest import CAPTIONS_PER_SAMPLE, caption_texts, sample_key
 from urbancross.data.manifest import decode_image, image_bytes
 from urbancross.model.factory import get_tokenizer, image_transform
 
@@ -20,14 +20,10 @@ from urbancross.model.factory import get_tokenizer, image_transform
 class ModelInputs:
     """Ray Data `map_batches` callable (batch_format="numpy"): rows -> arrays.
 
-    Output columns: `key` int64 [B] (`sample_key(image_id)`), `label` int64 [B] (the scene
-    class, `label_id`: -1 where the row has none), `images` float32 [B,3,H,W],
+    Output columns: `key` int64 [B] (`sample_key(image_id)`), `images` float32 [B,3,H,W],
     `tokens` int64 [B,C,L] (C = 5 captions per image, cycled when fewer; the training loop
-    draws one per epoch), `num_captions` int64 [B] (how many of the C are real: validation and
-    evaluation score only those), `segments` float32 [B,S,3,H,W] and `segment_mask` bool [B,S]
-    (S = data.num_segments; True only for the row's `num_real_segments` real SAM segments: the
-    grid fills preprocessing pads with are not segments, so they are neither decoded nor seen by
-    the fusion or the segment losses), and with
+    draws one per epoch), `segments` float32 [B,S,3,H,W] and `segment_mask` bool [B,S]
+    (S = data.num_segments, zeros/False where an image has fewer), and with
     `keep_ids=True` also `image_id` and `domain` (strings, for inference).
     """
 
@@ -42,18 +38,15 @@ class ModelInputs:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
         images = np.stack([self._image(r) for r in rows])
-        captions, counts = [], []
+        captions = []
         for r in rows:
             caps = caption_texts(r, self.cfg)
             captions.extend(caps[i % len(caps)] for i in range(CAPTIONS_PER_SAMPLE))
-            counts.append(min(len(caps), CAPTIONS_PER_SAMPLE))
         tokens = np.asarray(self.tokenize(captions), dtype=np.int64)
         out = {
             "key": np.array([sample_key(str(r["image_id"])) for r in rows], dtype=np.int64),
-            "label": np.array([label_id(r.get("label")) for r in rows], dtype=np.int64),
             "images": images,
             "tokens": tokens.reshape(len(rows), CAPTIONS_PER_SAMPLE, -1),
-            "num_captions": np.array(counts, dtype=np.int64),
         }
         if self.cfg.model.use_segments:
             out["segments"], out["segment_mask"] = self._segments(rows, images.shape[1:])
@@ -72,9 +65,7 @@ class ModelInputs:
         segs = np.zeros((len(rows), s, *shape), dtype=np.float32)
         mask = np.zeros((len(rows), s), dtype=bool)
         for i, r in enumerate(rows):
-            stored = list(r.get("segments") if r.get("segments") is not None else [])
-            real = r.get("num_real_segments")
-            for j, data in enumerate(stored[: min(s, len(stored) if real is None else int(real))]):
+            for j, data in enumerate(list(r.get("segments") if r.get("segments") is not None else [])[:s]):
                 where = f"{r.get('source') or r['image_id']} segment {j}"
                 segs[i, j] = np.asarray(self.segment_transform(decode_image(data, where)), dtype=np.float32)
                 mask[i, j] = True

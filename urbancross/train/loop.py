@@ -45,7 +45,7 @@ from torch import nn
 
 from urbancross.config import Config, config_from_dict
 from urbancross.data.ingest import pick_caption
-from urbancross.evaluate.metrics import real_captions, retrieval_metrics
+from urbancross.evaluate.metrics import retrieval_metrics
 from urbancross.model.factory import create_model, save_model
 from urbancross.tracking import log_metrics, mlflow_run
 from urbancross.train.adversarial import AdaptObjective, AdaptSchedule
@@ -282,25 +282,22 @@ def export_model(engine, model: nn.Module, scalars: list[str], path: str, w: Wor
 
 @torch.no_grad()
 def validate(engine, shard, cfg: Config, w: Worker) -> dict[str, float]:
-    """Retrieval metrics (mR, R@k) on the validation slice; every rank runs it (ZeRO-3 safe).
-
-    Scored as test evaluation scores: each image's real captions only (`real_captions`).
-    """
+    """Retrieval metrics (mR, R@k) on the validation slice; every rank runs it (ZeRO-3 safe)."""
     if shard is None:
         return {}
     engine.eval()
-    images, texts, counts = [], [], []
+    images, texts = [], []
     for batch in shard.iter_torch_batches(batch_size=cfg.evaluate.batch_size):
-        b = _prepare(batch, w, 0, cfg.seed, one_caption=False)
-        img, txt = engine(b, embed=True)
+        img, txt = engine(_prepare(batch, w, 0, cfg.seed, one_caption=False), embed=True)
         images.append(img.float().cpu())
-        texts.append(txt.float().cpu().reshape(*b["tokens"].shape[:2], -1))
-        counts.append(b["num_captions"].cpu())
+        texts.append(txt.float().cpu())
     engine.train()
     if not images:
         return {}
-    text, image_of_text = real_captions(torch.cat(texts), torch.cat(counts))
-    metrics = retrieval_metrics(torch.cat(images) @ text.T, image_of_text, ks=tuple(cfg.evaluate.ks))
+    image, text = torch.cat(images), torch.cat(texts)
+    per_image = text.shape[0] // image.shape[0]
+    image_of_text = torch.arange(image.shape[0]).repeat_interleave(per_image)
+    metrics = retrieval_metrics(image @ text.T, image_of_text, ks=tuple(cfg.evaluate.ks))
     return {f"val_{k}": float(v) for k, v in metrics.items()}
 
 
@@ -476,7 +473,7 @@ def adapt_loop_per_worker(config: dict) -> dict:
     with tracking(cfg, config.get("run_id"), w) as log_metrics:
         for epoch in range(start_epoch, _last_epoch(a.epochs, config)):
             t0 = time.perf_counter()
-            share = schedule.share(epoch)
+            window = schedule.window(epoch)
             targets = _cycle(lambda: _iter(target, cfg, epoch, w.rank))
             sums: dict[str, float] = {}
             n = 0
@@ -484,7 +481,7 @@ def adapt_loop_per_worker(config: dict) -> dict:
                 weight = schedule.weight(epoch, i)
                 src = _prepare(batch, w, epoch, cfg.seed)
                 tgt = _prepare(next(targets), w, epoch, cfg.seed)
-                loss, logs = engine(src, tgt, weight, share, schedule.phase(engine.global_steps))
+                loss, logs = engine(src, tgt, weight, window, schedule.phase(engine.global_steps))
                 engine.backward(loss)
                 engine.step()
                 for k, v in {"loss": loss.detach(), "adv_weight": weight, **logs}.items():
@@ -492,7 +489,7 @@ def adapt_loop_per_worker(config: dict) -> dict:
                 n += 1
                 if on_step is not None:
                     on_step(rank=w.rank, epoch=epoch, step=int(engine.global_steps))
-            values = {**{k: w.all_mean(v / max(n, 1)) for k, v in sums.items()}, "kept_share": share}
+            values = {**{k: w.all_mean(v / max(n, 1)) for k, v in sums.items()}, "window_start": window[0]}
             metrics = end_epoch(
                 engine, w, cfg, "adapt", epoch, a.epochs, values, val=val, log_metrics=log_metrics, started=t0,
                 start=(start_epoch, start_step), client={"epoch": epoch + 1},

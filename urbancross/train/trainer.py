@@ -127,17 +127,6 @@ def difficulty_scores(cfg: Config, table: pa.Table) -> dict[str, list]:
     }
 
 
-def note_missing_labels(cfg: Config, table: pa.Table, stage: str) -> bool:
-    """Say once, in the driver, when CMPAGL's intra-class term is off because the training rows
-    have no scene class (`label`; e.g. the UrbanCross release). True when it said so."""
-    if cfg.loss.kind != "triplet" or cfg.loss.intra_class_weight == 0:
-        return False
-    if "label" in table.column_names and pc.sum(pc.greater(pc.utf8_length(table["label"]), 0)).as_py():
-        return False
-    log.info("%s: the training rows have no scene labels (manifest column `label`): the intra-class loss term is off", stage)
-    return True
-
-
 def model_inputs(cfg: Config, table: pa.Table, train: bool):
     """Manifest rows -> Ray Dataset of model-ready arrays, decoded/augmented in Ray Data.
 
@@ -270,7 +259,6 @@ def run_train(cfg: Config, resume: bool = False, **options) -> dict:
     table, val = validation_slice(cfg, read_split(cfg, cfg.data.train_split, domain), domain)
     check_disjoint(cfg, table, val)
     log.info("train: %d images (%s), validation %d", table.num_rows, domain or "all domains", 0 if val is None else val.num_rows)
-    note_missing_labels(cfg, table, "train")
     datasets = {"train": model_inputs(cfg, table, train=True), "val": validation_inputs(cfg, val)}
     loop_config = {"scores": difficulty_scores(cfg, table), "init_model": cfg.model.pretrained}
     meta = {"trained_on": domain or "all", "adapted_to": None}
@@ -301,7 +289,6 @@ def run_adapt(cfg: Config, resume: bool = False, **options) -> dict:
     target, val = validation_slice(cfg, read_split(cfg, cfg.data.train_split, cfg.data.target_domain), cfg.data.target_domain)
     check_disjoint(cfg, source, target, val)
     log.info("adapt: source %d images (%s), target %d (%s)", source.num_rows, cfg.data.source_domain, target.num_rows, cfg.data.target_domain)
-    note_missing_labels(cfg, source, "adapt")
     datasets = {
         "source": model_inputs(cfg, source, train=True),
         "target": model_inputs(cfg, target, train=True),
