@@ -101,7 +101,8 @@ def fit_projections(model, cfg, table, steps: int = 200) -> None:
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    """A 3-domain manifest (6 test images each) and two weight files: `random` and `trained`."""
+    """A 3-domain manifest (3 val and 6 test images each) and two weight files: `random` and
+    `trained` (fitted to val, where promotion compares and the search test queries)."""
     from urbancross.data.ingest import read_split
     from urbancross.data.synth import synthesize
     from urbancross.model.factory import create_model, save_model
@@ -109,7 +110,7 @@ def bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("registry")
     raw = {
         "out_dir": str(root / "run"),
-        "synth": {"images_per_domain": 12, "test_fraction": 0.5},
+        "synth": {"images_per_domain": 12, "test_fraction": 0.5, "val_fraction": 0.25},
         "data": {"manifest": str(root / "manifest")},
         "promote": {"margin": 0.5, "max_domain_drop": 2.0},
     }
@@ -119,7 +120,7 @@ def bench(tmp_path_factory):
     model = create_model(cfg.model)
     weights = {"random": str(root / "random.pt"), "trained": str(root / "trained.pt")}
     save_model(model, weights["random"])
-    fit_projections(model, cfg, read_split(cfg, "test"))
+    fit_projections(model, cfg, read_split(cfg, "val"))
     save_model(model, weights["trained"])
     return raw, weights
 
@@ -181,10 +182,10 @@ def encode_text(weights: str, cfg, texts: list[str]) -> np.ndarray:
         return model.encode_text(get_tokenizer(cfg.model)(texts)).numpy()
 
 
-def first_test_caption(cfg) -> tuple[str, str]:
+def first_val_caption(cfg) -> tuple[str, str]:
     from urbancross.data.ingest import read_split
 
-    row = read_split(cfg, "test").slice(0, 1).to_pylist()[0]
+    row = read_split(cfg, "val").slice(0, 1).to_pylist()[0]
     return row["image_id"], row["captions"][0]
 
 
@@ -245,13 +246,13 @@ def test_promote_end_to_end_on_a_tracking_server(bench, mlflow_server, tmp_path,
     assert json.loads(tags["promote.champion_mR"]) == second["candidate_mR"]
     assert tags["promote.reason"] == third["reason"] and tags["promote.time"].startswith("20")
 
-    # the champion serves search: index the test split, then query with one of its captions
+    # the champion serves search: index the val split, then query with one of its captions
     index = str(tmp_path / "index.parquet")
-    summary = build_index("models:/city@champion", cfg.data.manifest, index, cfg, split="test", use_ray=False)
-    assert summary["images"] == 18
+    summary = build_index("models:/city@champion", cfg.data.manifest, index, cfg, split="val", use_ray=False)
+    assert summary["images"] == 9
     ids, domains, vectors, built_with = read_index(index)
-    assert built_with == "models:/city@champion" and vectors.shape == (18, 128)
-    image_id, caption = first_test_caption(cfg)
+    assert built_with == "models:/city@champion" and vectors.shape == (9, 128)
+    image_id, caption = first_val_caption(cfg)
     hits = search("models:/city@champion", index, caption, top=3)
     order, scores = top_k(vectors, encode_text(weights["trained"], cfg, [caption])[0], 3)
     assert [h["image_id"] for h in hits] == [ids[i] for i in order]

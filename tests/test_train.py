@@ -181,9 +181,9 @@ def test_train_in_process_curriculum_checkpoint_export_mlflow(trained):
 
     cfg, result = trained
     m = result["metrics"]
-    # 8 images, pacing linear 0.5 -> 0.75: epoch 1 = 4 easiest (1 step), epoch 2 = 6 (steps of 4 + 2)
-    assert (m["epoch"], m["step"], m["samples"]) == (2, 3, 10)
-    assert m["curriculum_fraction"] == pytest.approx(0.75)
+    # 8 images, pacing linear 0.5 -> 1.0 (the ramp's last epoch sees all): epoch 1 = 4 easiest (1 step), epoch 2 = 8 (2 steps)
+    assert (m["epoch"], m["step"], m["samples"]) == (2, 3, 12)
+    assert m["curriculum_fraction"] == 1.0
     assert 0.0 <= m["val_mR"] <= 100.0
     assert os.path.isdir(os.path.join(result["checkpoint_path"], "ds"))
     # in-process: the run keeps its checkpoint in its own out_dir, the last epoch's only

@@ -276,13 +276,23 @@ class CurriculumConfig(Section):
 
 
 @dataclass(frozen=True)
+class LRScheduleConfig(Section):
+    """A stage's learning-rate curve around its peak lr (`urbancross/train/lr_schedule.py`)."""
+
+    kind: Literal["cosine", "constant"] = "cosine"  # constant: the peak throughout, no warm-up
+    warmup: float = num(0.05, ge=0, lt=1)  # share of the stage's optimizer steps rising linearly to the peak
+    final: float = num(0.0, ge=0, le=1)  # lr at the last step, as a share of the peak
+
+
+@dataclass(frozen=True)
 class TrainConfig(Section):
     """Ray Train + DeepSpeed training (stage 1)."""
 
     epochs: int = num(6, ge=1)
     batch_size: int = num(32, ge=1)  # per worker micro-batch
     grad_accum: int = num(1, ge=1)
-    lr: float = num(5e-4, gt=0)
+    lr: float = num(5e-4, gt=0)  # peak; pretrained CLIP weights want far less (README: pretrained weights)
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     weight_decay: float = num(0.05, ge=0)
     grad_clip: float = num(1.0, ge=0)
     zero_stage: int = num(0, ge=0, le=3)
@@ -293,6 +303,9 @@ class TrainConfig(Section):
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
     domain: str = ""  # training domain; empty = data.source_domain, "all" = every domain
     val_images: int = num(64, ge=0)  # validation slice (val split, else held out of the train split)
+    # Both stages export their best val-mR epoch; with patience > 0 they also stop after this many
+    # epochs without a better val mR (epochs inside the curriculum's pacing ramp do not count).
+    patience: int = num(0, ge=0)
     ingest_actors: int = num(0, ge=0)  # 0 = Ray Data tasks decode (once per run); N = a pool of N decoding actors
     ingest_cpus: float = num(0.5, ge=0)  # CPUs per decoding task/actor
     # Decoded rows are cached once per run (urbancross/train/cache.py): in memory (object store, a
@@ -312,7 +325,10 @@ class AdaptConfig(Section):
 
     checkpoint: str = ""  # stage-1 model: a model.pt or a folder holding one; empty = <out_dir>/train
     epochs: int = num(5, ge=1)  # 5 passes: the kept share reaches 100% in the last (the reference's 5 cycles)
-    lr: float = num(1e-4, gt=0)
+    # Peak lr, 100x below train.lr as in the reference (1e-5 training, 1e-7 fine-tuning a
+    # pretrained CLIP): adaptation fine-tunes a trained model and must not undo it.
+    lr: float = num(5e-6, gt=0)
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     # Kept share of each source batch, most target-like first: select_fraction in the first pass,
     # + select_growth per pass up to 1 (the reference: 0.2 + 0.2 * cycle); curriculum off = fixed.
     select_fraction: float = num(0.2, gt=0, le=1)
@@ -365,7 +381,7 @@ class PromoteConfig(Section):
     margin: float = num(0.5, ge=0)  # mean mR (over domains) must beat the champion's by at least this
     max_domain_drop: float = num(2.0, ge=0)  # and no domain's mR may fall by more than this
     manifest: str = ""  # evaluation manifest; empty = data.manifest
-    split: str = "test"
+    split: str = "val"  # choosing a model is never done on test: that split is only reported
 
 
 @dataclass(frozen=True)

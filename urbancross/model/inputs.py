@@ -79,8 +79,9 @@ class ModelInputs:
         mask = np.zeros((len(rows), s), dtype=bool)
         for i, r in enumerate(rows):
             stored = list(r.get("segments") if r.get("segments") is not None else [])
-            real = r.get("num_real_segments")
-            for j, data in enumerate(stored[: min(s, len(stored) if real is None else int(real))]):
+            real = r.get("num_real_segments")  # None, or NaN where Ray Data filled a missing column
+            known = real is not None and real == real
+            for j, data in enumerate(stored[: min(s, int(real) if known else len(stored))]):
                 where = f"{r.get('source') or r['image_id']} segment {j}"
                 segs[i, j] = np.asarray(self.segment_transform(decode_image(data, where)), dtype=self.dtype)
                 mask[i, j] = True

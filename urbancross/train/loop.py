@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
 import logging
 import math
@@ -37,14 +38,14 @@ import shutil
 import socket
 import tempfile
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from urbancross.config import Config, config_from_dict
+from urbancross.config import Config, LRScheduleConfig, config_from_dict
 from urbancross.data.ingest import pick_caption
 from urbancross.evaluate.metrics import real_captions, retrieval_metrics
 from urbancross.model.factory import create_model, save_model
@@ -53,7 +54,9 @@ from urbancross.train.adversarial import AdaptObjective, AdaptSchedule
 from urbancross.train.cache import Cache, epoch_batches, rank_rows, rng
 from urbancross.train.curriculum import Curriculum, keep_mask, margin_difficulty, update_scores
 from urbancross.train.deepspeed_config import deepspeed_config, use_bf16
+from urbancross.train.lr_schedule import lr_factor
 from urbancross.train.objective import RetrievalObjective, restore_scalars, vectorize_scalars
+from urbancross.train.selection import Selection
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +177,8 @@ def _start(w: Worker, cfg: Config, stage: str, caches: dict[str, Cache]) -> None
 
 
 def param_groups(module: nn.Module, lr: float, weight_decay: float, disc_lr: float | None = None) -> list[dict]:
-    """AdamW groups: no decay on biases/norms/scales; the discriminator (`disc.`) at `disc_lr`."""
+    """AdamW groups: no decay on biases/norms/scales; the discriminator (`disc.`) at `disc_lr`
+    (marked `disc`: it keeps its lr, the model's groups follow the stage's lr schedule)."""
     groups: dict[tuple[str, bool], list] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
@@ -183,16 +187,41 @@ def param_groups(module: nn.Module, lr: float, weight_decay: float, disc_lr: flo
         groups.setdefault((part, p.ndim >= 2), []).append(p)
     out = []
     for (part, decay), params in sorted(groups.items()):
-        out.append({"params": params, "lr": disc_lr if part == "disc" else lr, "weight_decay": weight_decay if decay else 0.0})
+        group = {"params": params, "lr": disc_lr if part == "disc" else lr, "weight_decay": weight_decay if decay else 0.0}
+        out.append({**group, "disc": part == "disc"})
     return out
 
 
-def build_engine(module: nn.Module, groups: list[dict], cfg: Config, w: Worker):
+def build_engine(module: nn.Module, groups: list[dict], cfg: Config, w: Worker, schedule: LRScheduleConfig, total_steps: int):
+    """One DeepSpeed engine; its lr scheduler (stepped by DeepSpeed at each optimizer step, saved
+    in its checkpoints) applies `lr_factor` to the model's groups over `total_steps`."""
     import deepspeed
 
     optimizer = torch.optim.AdamW(groups)
-    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg.train, w.world))
+    curve = functools.partial(_lr_curve, total=total_steps, cfg=schedule)
+    lambdas = [_constant if g.get("disc") else curve for g in groups]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+    engine, *_ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg.train, w.world)
+    )
     return engine
+
+
+def _lr_curve(step: int, total: int, cfg: LRScheduleConfig) -> float:
+    return lr_factor(step, total, cfg)
+
+
+def _constant(step: int) -> float:
+    return 1.0
+
+
+def train_steps(curriculum: Curriculum, rows: int, cfg: Config, world: int) -> int:
+    """Optimizer steps stage 1 takes over train.epochs: each epoch's curriculum share of the
+    `rows` samples in global batches (the schedule's length; an estimate, as ranks stop together
+    when one runs out)."""
+    batch = cfg.train.batch_size * max(1, world)
+    micro = sum(math.ceil(max(1, math.ceil(curriculum.fraction(e) * rows - 1e-9)) / batch) for e in range(cfg.train.epochs))
+    return max(1, micro // cfg.train.grad_accum)
 
 
 def restore(engine, resume_from: str | None = None) -> tuple[dict, dict | None]:
@@ -324,13 +353,17 @@ def tracking(cfg: Config, run_id: str | None, w: Worker):
 def end_epoch(
     engine, w: Worker, cfg: Config, stage: str, epoch: int, epochs: int, values: dict, *, val, log_metrics,
     started: float, start: tuple[int, int], client: dict, curriculum: dict | None = None, last: int | None = None,
+    selection: Selection, export: Callable[[], None], counts: bool = True,
 ) -> dict:
-    """An epoch's tail, the same for both stages: metrics (+ validation), MLflow, checkpoint, log line.
+    """An epoch's tail, the same for both stages: metrics (+ validation), model choice, MLflow,
+    checkpoint, log line.
 
     `values`: the stage's own metrics; `started`: the epoch's `perf_counter()` start;
     `start`: (epoch, step) this fit started from; `last`: the epoch this fit ends at (default
     `epochs`). Validation runs every `train.val_every` and checkpoints are written every
-    `train.checkpoint_every` epochs, and both at `last`. Returns the metrics reported to Ray Train.
+    `train.checkpoint_every` epochs, and both at `last` (and a checkpoint when early stopping ends
+    the fit). `export()` writes the model, called when val mR is a new best (`selection`;
+    `counts`: whether this epoch counts toward its patience). Returns the metrics reported to Ray Train.
     """
     last = epochs if last is None else last
     epoch_seconds = time.perf_counter() - started
@@ -346,9 +379,15 @@ def end_epoch(
         "start_step": start[1],
         **found,
     }
+    if "val_mR" in metrics:  # every rank takes the same decision: the mean is all-reduced
+        if selection.update(epoch + 1, w.all_mean(metrics["val_mR"]), counts):
+            export()
+        metrics.update(selection.metrics())
+        client = {**client, **selection.state()}
     log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "start_epoch", "start_step")}, epoch + 1)
     t0 = time.perf_counter()
-    save_and_report(engine, w, metrics, client, curriculum, checkpoint=due(cfg.train.checkpoint_every, epoch, last))
+    checkpoint = due(cfg.train.checkpoint_every, epoch, last) or selection.stopped
+    save_and_report(engine, w, metrics, client, curriculum, checkpoint=checkpoint)
     metrics["report_seconds"] = time.perf_counter() - t0  # checkpoint + report: known only after reporting
     log_metrics({"report_seconds": metrics["report_seconds"]}, epoch + 1)
     if w.rank == 0:
@@ -435,20 +474,27 @@ def train_loop_per_worker(config: dict) -> dict:
     model = create_model(cfg.model, pretrained=config.get("init_model") or None)
     scalars = vectorize_scalars(model)
     module = RetrievalObjective(model, cfg.loss)
-    engine = build_engine(module, param_groups(module, cfg.train.lr, cfg.train.weight_decay), cfg, w)
+    cold = config.get("scores") or {"keys": [], "values": []}  # one score per training sample
+    steps = train_steps(Curriculum(cfg.train.curriculum, cfg.train.epochs, {}), len(cold["keys"]), cfg, w.world)
+    groups = param_groups(module, cfg.train.lr, cfg.train.weight_decay)
+    engine = build_engine(module, groups, cfg, w, cfg.train.lr_schedule, steps)
     client, cur_state = restore(engine, config.get("resume_from"))
-    scores = Curriculum.scores_from_state(cur_state if cur_state is not None else config.get("scores") or {"keys": [], "values": []})
+    scores = Curriculum.scores_from_state(cur_state if cur_state is not None else cold)
     curriculum = Curriculum(cfg.train.curriculum, cfg.train.epochs, scores)
     start_epoch, start_step = int(client.get("epoch", 0)), int(engine.global_steps)
     samples = int(client.get("samples", 0))
     cache = load_cache("train", config)
     _start(w, cfg, "train", {"train": cache})
     val = _optional_shard("val")
+    selection = Selection.from_state(client, cfg.train.patience)
+    export = lambda: export_model(engine, model, scalars, config["model_path"], w)  # noqa: E731
     on_step = config.get("on_step")
     last = _last_epoch(cfg.train.epochs, config)
     metrics: dict[str, float] = {}
     with tracking(cfg, config.get("run_id"), w) as log_metrics:
         for epoch in range(start_epoch, last):
+            if selection.stopped:
+                break
             t0 = time.perf_counter()
             _seed_torch(cfg.seed, epoch, w.rank)
             rows = np.flatnonzero(keep_mask(cache.keys, curriculum.allowed(epoch)))  # the curriculum selects from the cache
@@ -479,11 +525,20 @@ def train_loop_per_worker(config: dict) -> dict:
             metrics = end_epoch(
                 engine, w, cfg, "train", epoch, cfg.train.epochs, values, val=val, log_metrics=log_metrics, started=t0,
                 start=(start_epoch, start_step), client={"epoch": epoch + 1, "samples": samples}, curriculum=curriculum.state(),
-                last=last,
+                last=last, selection=selection, export=export, counts=curriculum.fraction(epoch) >= 1.0,
             )
-    export_model(engine, model, scalars, config["model_path"], w)
+    _final_export(selection, export, config["model_path"], w)
     w.close()
     return metrics
+
+
+def _final_export(selection: Selection, export: Callable[[], None], path: str, w: Worker) -> None:
+    """Without validation the last epoch is the model; with it, the best val epoch, already
+    written (again now if rank 0 lacks the file, e.g. a PBT clone that started from another
+    trial's checkpoint). Every rank takes rank 0's view: exporting is collective."""
+    written = w.all_min(1 if w.rank != 0 or os.path.exists(path) else 0)
+    if selection.best_epoch == 0 or not written:
+        export()
 
 
 def _last_epoch(epochs: int, config: dict) -> int:
@@ -527,18 +582,23 @@ def adapt_loop_per_worker(config: dict) -> dict:
     scalars = vectorize_scalars(model)
     module = AdaptObjective(model, cfg.loss, a)
     groups = param_groups(module, a.lr, cfg.train.weight_decay, disc_lr=a.disc_lr)
-    engine = build_engine(module, groups, cfg, w)
+    steps = max(1, int(config.get("steps_per_epoch") or 1) * a.epochs // cfg.train.grad_accum)
+    engine = build_engine(module, groups, cfg, w, a.lr_schedule, steps)
     client, _ = restore(engine, config.get("resume_from"))
     start_epoch, start_step = int(client.get("epoch", 0)), int(engine.global_steps)
     source, target = load_cache("source", config), load_cache("target", config)
     _start(w, cfg, "adapt", {"source": source, "target": target})
     val = _optional_shard("val")
+    selection = Selection.from_state(client, cfg.train.patience)
+    export = lambda: export_model(engine, model, scalars, config["model_path"], w)  # noqa: E731
     schedule = AdaptSchedule(a, int(config.get("steps_per_epoch") or 1))
     on_step = config.get("on_step")
     last = _last_epoch(a.epochs, config)
     metrics: dict[str, float] = {}
     with tracking(cfg, config.get("run_id"), w) as log_metrics:
         for epoch in range(start_epoch, last):
+            if selection.stopped:
+                break
             t0 = time.perf_counter()
             _seed_torch(cfg.seed, epoch, w.rank)
             share = schedule.share(epoch)
@@ -566,8 +626,9 @@ def adapt_loop_per_worker(config: dict) -> dict:
             values = {**{k: w.all_mean(v / max(n, 1)) for k, v in sums.items()}, "kept_share": share, **clock.metrics()}
             metrics = end_epoch(
                 engine, w, cfg, "adapt", epoch, a.epochs, values, val=val, log_metrics=log_metrics, started=t0,
-                start=(start_epoch, start_step), client={"epoch": epoch + 1}, last=last,
+                start=(start_epoch, start_step), client={"epoch": epoch + 1}, last=last, selection=selection,
+                export=export,
             )
-    export_model(engine, model, scalars, config["model_path"], w)
+    _final_export(selection, export, config["model_path"], w)
     w.close()
     return metrics
