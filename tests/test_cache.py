@@ -82,6 +82,19 @@ def test_cache_rows_are_in_key_order_whatever_order_ray_delivered(tmp_path):
         write_folder(iter([{k: v[:6] for k, v in arrays.items()}]), 10, tmp_path / "short")
 
 
+def test_cache_fingerprint_follows_rows_and_decoding_settings():
+    import pyarrow as pa
+
+    from urbancross.train.cache import fingerprint
+
+    cfg = Config()
+    table = pa.table({"image_id": ["a", "b"], "captions": [["x"], ["y"]]})
+    same = pa.table({"image_id": ["a", "b"], "captions": [["x"], ["y"]]})
+    edited = pa.table({"image_id": ["a", "b"], "captions": [["x"], ["y z"]]})
+    assert fingerprint(cfg, table) == fingerprint(cfg, same) != fingerprint(cfg, edited)
+    assert fingerprint(cfg, table) != fingerprint(cfg.override({"model.use_segments": False}), table)
+
+
 def test_cache_location_rule():
     cfg = Config().override({"train.cache_memory_mb": 1})
     assert not use_disk(cfg, rows=10, bytes_per_row=1000)

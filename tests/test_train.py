@@ -214,12 +214,14 @@ def _loss_history(cfg, result) -> list[float]:
 @pytest.mark.ray
 def test_same_config_same_numbers_in_process(trained, tmp_path):
     """Seeded end to end (row order, shuffle, augmentation, captions, init): a second run of the
-    same config gives the same per-epoch losses and validation mR, to the bit, on CPU."""
+    same config gives the same per-epoch losses and validation mR, to the bit, on CPU; the
+    rows cached on disk (memory-mapped) instead of in the object store change nothing."""
     from urbancross.train import run_train
 
     cfg, first = trained
-    again = cfg.override({"out_dir": str(tmp_path)})
+    again = cfg.override({"out_dir": str(tmp_path), "train.cache": "disk"})
     second = run_train(again)
+    assert len(list((tmp_path / "train" / "cache").glob("*/images.npy"))) == 1
     assert _loss_history(cfg, first) == _loss_history(again, second) and len(_loss_history(cfg, first)) == 2
     assert first["metrics"]["val_mR"] == second["metrics"]["val_mR"]
     other = run_train(again.override({"seed": 1, "out_dir": str(tmp_path / "seed1")}))
@@ -373,3 +375,40 @@ def test_a_test_image_in_training_data_is_refused(manifest, tmp_path):
     check_disjoint(cfg, read_split(cfg, "train", None))
     with pytest.raises(ManifestError, match="1 test image"):
         check_disjoint(cfg, read_split(cfg, "test", "Spain").slice(0, 1))
+
+
+def test_redirected_output_gets_no_progress_bars(monkeypatch):
+    import io
+
+    from urbancross.cli import quiet_when_redirected
+
+    for key in ("RAY_DATA_DISABLE_PROGRESS_BARS", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "TQDM_DISABLE"):
+        monkeypatch.delenv(key, raising=False)
+    tty = io.StringIO()
+    tty.isatty = lambda: True
+    assert not quiet_when_redirected(tty) and "TQDM_DISABLE" not in os.environ
+    assert quiet_when_redirected(io.StringIO())
+    assert os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1" and os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
+
+
+def test_progress_is_a_line_every_few_seconds_with_rate_and_eta(caplog, monkeypatch):
+    import logging
+    import types
+
+    from urbancross.train import loop
+
+    now = [0.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
+    cfg = load_config(None, ["train.progress_seconds=10"])
+    clock = loop.StepClock(types.SimpleNamespace(rank=0, world=2), cfg, "train", 0, 3, rows=160)
+    with caplog.at_level(logging.INFO, logger="urbancross.train.loop"):
+        for _ in range(10):  # 10 steps of 8 rows per rank, 4 s each
+            for phase in ("data", "forward", "backward"):
+                now[0] += 1.0
+                clock.mark(phase)
+            now[0] += 1.0
+            clock.stepped(8)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3  # at most one line per 10 s: after steps 3, 6, 9 (12, 24, 36 s)
+    assert lines[1] == "train epoch 1/3: 96/160 rows, 4.0 rows/s, epoch ETA 16s"
+    assert clock.metrics() == {"steps": 10, "ms_data": 1000.0, "ms_forward": 1000.0, "ms_backward": 1000.0, "ms_step": 1000.0}

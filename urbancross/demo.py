@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from urbancross.atomic import write_json
 from urbancross.config import Config, local_absolute, save_config
 from urbancross.data.manifest import read_manifest, summary_json
 from urbancross.data.synth import synthesize
@@ -30,11 +31,14 @@ BENCHMARK = "benchmark"  # <out_dir>/benchmark: the synthesized manifest when no
 CONFIG_FILE = "config.yaml"
 
 
-def _timed(name: str, fn: Callable[[], object]):
+def _timed(name: str, fn: Callable[[], object], times: dict[str, float] | None = None):
     log.info("demo: %s ...", name)
     t0 = time.perf_counter()
     value = fn()
-    log.info("demo: %s done in %.0fs", name, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    log.info("demo: %s done in %.0fs", name, seconds)
+    if times is not None:
+        times[name.split(" ")[0]] = round(seconds, 1)
     return value
 
 
@@ -74,11 +78,13 @@ def run_demo(cfg: Config) -> list[dict]:
     if cfg.preprocess.input == str(raw):
         table = read_manifest(raw) if raw.exists() else _timed("synthesize the embedded benchmark", lambda: synthesize(cfg.synth, str(raw)))
         print(summary_json(table), flush=True)
-    _timed("preprocess (SAM segments, caption refinement)", lambda: run_preprocess(cfg))
+    times: dict[str, float] = {}  # wall seconds per stage, kept in <out_dir>/demo_times.json (bench/train_bench.py)
+    _timed("preprocess (SAM segments, caption refinement)", lambda: run_preprocess(cfg), times)
 
-    _timed(f"train on {cfg.data.source_domain}", lambda: _train_stage(cfg, "train", run_train))
-    _timed(f"adapt {cfg.data.source_domain} -> {cfg.data.target_domain}", lambda: _train_stage(cfg, "adapt", run_adapt))
+    _timed(f"train on {cfg.data.source_domain}", lambda: _train_stage(cfg, "train", run_train), times)
+    _timed(f"adapt {cfg.data.source_domain} -> {cfg.data.target_domain}", lambda: _train_stage(cfg, "adapt", run_adapt), times)
 
-    records = _timed("evaluate on every domain", lambda: run_evaluate(cfg))  # logs the table
+    records = _timed("evaluate on every domain", lambda: run_evaluate(cfg), times)  # logs the table
+    write_json(out / "demo_times.json", times)
     log.info("demo: finished in %.0fs; table in %s, MLflow store %s", time.perf_counter() - t0, out / "cross_domain.json", cfg.tracking_uri())
     return records

@@ -16,6 +16,13 @@ count's timing or Ray's block order: the rows are put in key order, one permutat
 (random resized crop, colour jitter; no flips, captions state directions) draws from
 (seed, epoch, key). So every rank knows every rank's batch sizes: no per-step barrier, and the
 curriculum selects rows before batching (nothing decoded or batched just to be dropped).
+Dropout is seeded per (seed, epoch, rank) in the loop; the initial weights from `seed`.
+
+On CPU two runs of one config give bit-identical losses and metrics (tested with 2 workers).
+On GPU the same rows, batches, augmentation draws, captions and seeds are used, but the float
+results can differ in the last bits (cuBLAS/cuDNN kernels and NCCL reductions are not bitwise
+deterministic unless `torch.use_deterministic_algorithms(True)`, which we do not set; bf16
+widens the differences); not measured here.
 """
 
 from __future__ import annotations
@@ -50,8 +57,8 @@ def epoch_batches(rows: np.ndarray, batch_size: int, world: int, rank: int, seed
     """This rank's batches (row indices) of one pass over `rows`, shuffled by (seed, *salt).
 
     Each step deals `world * batch_size` rows of one permutation over the ranks; a last step
-    with fewer rows than ranks is left out (its rows come first in no later epoch on purpose:
-    the next permutation is independent). Every rank gets the same number of steps.
+    with fewer rows than ranks is left out (at most world - 1 rows; each epoch's permutation is
+    independent, so no row is left out systematically). Every rank gets the same number of steps.
     """
     perm = np.asarray(rows)[rng(seed, *salt).permutation(len(rows))]
     step = world * batch_size
@@ -191,11 +198,19 @@ def use_disk(cfg: Config, rows: int, bytes_per_row: int) -> bool:
     return rows * bytes_per_row > cfg.train.cache_memory_mb * 2**20
 
 
-def fingerprint(cfg: Config, image_ids: list[str]) -> str:
-    """What the cached arrays depend on: the rows and the decoding settings."""
+def fingerprint(cfg: Config, table) -> str:
+    """What the cached arrays depend on: every value of the rows (Arrow IPC bytes: ids, captions,
+    image bytes or paths, segments) and the decoding settings."""
+    import pyarrow as pa
+
+    h = hashlib.blake2b(digest_size=8)
     d, m = cfg.data, cfg.model
-    parts = [d.manifest, d.root, m.preset, m.use_segments, d.num_segments, d.use_refined_captions, sorted(image_ids)]
-    return hashlib.blake2b(json.dumps(parts, default=str).encode(), digest_size=8).hexdigest()
+    h.update(json.dumps([d.root, m.preset, m.use_segments, d.num_segments, d.use_refined_captions]).encode())
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    h.update(memoryview(sink.getvalue()))
+    return h.hexdigest()
 
 
 def write_folder(batches: Iterator[dict[str, np.ndarray]], rows: int, folder: Path) -> str:

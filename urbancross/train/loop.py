@@ -2,17 +2,18 @@
 
 Both run unchanged on N CPU or GPU workers and in-process (`ScalingConfig(num_workers=0)`).
 Each builds the model, wraps it in one DeepSpeed engine, restores `ray.train.get_checkpoint()`
-when there is one, iterates its Ray Data shard (decoding happened in Ray Data), and per epoch
-saves the DeepSpeed state on every rank and reports it with `ray.train.report`. Rank 0 logs
-to MLflow and exports the final weights as a plain state dict (`save_model`).
+when there is one, trains on its stage's cached rows, and reports every epoch with
+`ray.train.report` (every `train.checkpoint_every` epochs and at the end with the DeepSpeed
+state every rank saved). Rank 0 logs to MLflow and exports the final weights as a plain
+state dict (`save_model`).
 
-Ranks must run the same number of engine steps (collectives), but curriculum filtering
-leaves them different numbers of rows: `_synced` makes every step conditional on all ranks
-having a batch, and ranks that run out early just drain their iterators.
+Inputs are decoded once per run (`urbancross.train.cache`); every rank holds all rows and
+deals itself its share of each step from one seeded permutation, so ranks always run the same
+number of engine steps (collectives) without a per-step barrier.
 
-Curriculum: each epoch trains on the easiest share of the samples (rows outside it are
-dropped from the batches, then regrouped). With `similarity_margin` difficulty, a no-grad
-pass over the shard after a rescoring epoch embeds every sample; embeddings are gathered
+Curriculum: each epoch trains on the easiest share of the samples, selected from the cache
+before batching. With `similarity_margin` difficulty, a no-grad pass over the cache after
+a rescoring epoch embeds every sample (each rank a share); embeddings are gathered
 from all ranks and scored against each other, so every rank holds the same ranking. The
 scores travel in the checkpoint, so a resumed run sees the same curriculum.
 
@@ -22,6 +23,7 @@ paths), `run_id` (MLflow run or None), `model_path` (where rank 0 exports the we
 keeps the run's checkpoints, as there is no Train storage to upload to), `scores` (cold-start
 difficulty: {"keys", "values"}), `steps_per_epoch` (adapt: for the schedule's progress),
 `resume_from` (checkpoint folder used when the run has none), `stop_epoch` (end early),
+`cache_dirs` ({dataset name: disk cache folder or None (then the Train dataset of that name)}),
 `on_step` (optional callable(rank=, epoch=, step=), a fault-injection hook for tests).
 """
 
@@ -468,6 +470,7 @@ def used_rows(rows: int, batch_size: int, world: int) -> int:
 
 def train_loop_per_worker(config: dict) -> dict:
     """Stage 1: retrieval training with adaptive curriculum sampling."""
+    began = time.perf_counter()
     cfg = config_from_dict(config["cfg"], where="<train loop>")
     w = Worker(cfg, config.get("local_checkpoints"))
     torch.manual_seed(cfg.seed)
@@ -478,12 +481,15 @@ def train_loop_per_worker(config: dict) -> dict:
     steps = train_steps(Curriculum(cfg.train.curriculum, cfg.train.epochs, {}), len(cold["keys"]), cfg, w.world)
     groups = param_groups(module, cfg.train.lr, cfg.train.weight_decay)
     engine = build_engine(module, groups, cfg, w, cfg.train.lr_schedule, steps)
+    startup = {"startup_engine_seconds": time.perf_counter() - began}
     client, cur_state = restore(engine, config.get("resume_from"))
     scores = Curriculum.scores_from_state(cur_state if cur_state is not None else cold)
     curriculum = Curriculum(cfg.train.curriculum, cfg.train.epochs, scores)
     start_epoch, start_step = int(client.get("epoch", 0)), int(engine.global_steps)
     samples = int(client.get("samples", 0))
+    t0 = time.perf_counter()
     cache = load_cache("train", config)
+    startup["startup_cache_seconds"] = time.perf_counter() - t0
     _start(w, cfg, "train", {"train": cache})
     val = _optional_shard("val")
     selection = Selection.from_state(client, cfg.train.patience)
@@ -521,6 +527,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 "loss": w.all_mean(float(np.mean(losses)) if losses else 0.0),
                 "curriculum_fraction": curriculum.fraction(epoch),
                 **clock.metrics(),
+                **startup,
             }
             metrics = end_epoch(
                 engine, w, cfg, "train", epoch, cfg.train.epochs, values, val=val, log_metrics=log_metrics, started=t0,

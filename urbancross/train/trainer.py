@@ -17,6 +17,7 @@ and `<out_dir>/<stage>/result.json`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -172,7 +173,7 @@ def training_cache(cfg: Config, table: pa.Table, stage: str) -> tuple[Any, str |
     per_row = sum(v.nbytes for v in one.values())
     total_mb = per_row * table.num_rows / 2**20
     if use_disk(cfg, table.num_rows, per_row):
-        folder = Path(cfg.out_dir) / stage / "cache" / fingerprint(cfg, [str(i) for i in table.column("image_id").to_pylist()])
+        folder = Path(cfg.out_dir) / stage / "cache" / fingerprint(cfg, table)
         batches = model_inputs(cfg, table, cache=True).iter_batches(batch_size=256, batch_format="numpy")
         out = None, write_folder(batches, table.num_rows, folder)
     else:
@@ -200,7 +201,13 @@ def validation_inputs(cfg: Config, table: pa.Table | None):
 
 
 def _decode_task(batch: dict, cfg: Config, cache: bool = False) -> dict:
-    return ModelInputs(cfg, train=False, cache=cache)(batch)
+    return _inputs(cfg, cache)(batch)
+
+
+@functools.lru_cache(maxsize=4)
+def _inputs(cfg: Config, cache: bool) -> ModelInputs:
+    """One `ModelInputs` (tokenizer, transforms) per Ray worker process and config, not per batch."""
+    return ModelInputs(cfg, train=False, cache=cache)
 
 
 # --------------------------------------------------------------------------- trainer
