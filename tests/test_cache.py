@@ -60,6 +60,8 @@ def _arrays(n: int) -> dict[str, np.ndarray]:
         "key": rng.permutation(np.arange(1000, 1000 + n)).astype(np.int64),
         "images": rng.integers(0, 256, (n, 3, 8, 8), dtype=np.uint8),
         "tokens": rng.integers(1, 50, (n, 5, 6)).astype(np.int32),
+        "segments": rng.integers(0, 256, (n, 2, 3, 8, 8), dtype=np.uint8),
+        "segment_mask": rng.random((n, 2)) < 0.5,
     }
 
 
@@ -72,6 +74,8 @@ def test_cache_rows_are_in_key_order_whatever_order_ray_delivered(tmp_path):
     pa_, pb = (c.batch(np.array([4, 0, 7]), 1, 0, cfg, torch.device("cpu"), train=True) for c in (a, b))
     assert all(torch.equal(pa_[k], pb[k]) for k in pa_)
     assert pa_["tokens"].dtype == torch.int64 and pa_["images"].dtype == torch.float32
+    assert pa_["segments"].shape == (3, 2, 3, 8, 8) and pa_["segments"].dtype == torch.float32
+    assert torch.equal(pa_["segment_mask"], torch.from_numpy(arrays["segment_mask"][np.argsort(arrays["key"])][[4, 0, 7]]))
     # the disk form gives the same rows
     folder = write_folder(iter([{k: v[:6] for k, v in arrays.items()}, {k: v[6:] for k, v in arrays.items()}]), 10, tmp_path / "c")
     d = Cache.from_folder(folder)
