@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import posixpath
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -16,10 +18,10 @@ import numpy as np
 import open_clip
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from open_clip.factory import get_model_config, load_state_dict
+from open_clip.factory import get_model_config
 from torchvision import transforms as T
 
-from urbancross import atomic
+from urbancross import storage
 from urbancross.config import ModelConfig
 from urbancross.model.model import UrbanCrossModel
 
@@ -137,7 +139,17 @@ def create_model(cfg: ModelConfig, *, pretrained: str | None = None) -> UrbanCro
 
 
 def load_weights(model: UrbanCrossModel, path: str, preset: str = "?") -> None:
-    """Load a local checkpoint into `model`; a checkpoint that does not fit raises `CheckpointError`."""
+    """Load a checkpoint (a local path or a storage URI) into `model`; a misfit raises `CheckpointError`."""
+    if storage.is_remote(path):
+        local = storage.local_path(path)
+        if local is None:  # object storage: fetch once into a temporary file (open_clip's loader wants a path)
+            if not storage.is_file(path):
+                raise CheckpointError(f"model.pretrained: {path!r} not found")
+            with tempfile.TemporaryDirectory() as tmp:
+                copy = os.path.join(tmp, posixpath.basename(path))
+                Path(copy).write_bytes(storage.read_bytes(path))
+                return load_weights(model, copy, preset)
+        path = local
     if not os.path.isfile(path):
         raise CheckpointError(
             f"model.pretrained: {path!r} is not a local checkpoint file (weights are never downloaded; "
@@ -146,7 +158,7 @@ def load_weights(model: UrbanCrossModel, path: str, preset: str = "?") -> None:
     if not preset.endswith("quickgelu") and preset != "tiny" and any(h in Path(path).name.lower() for h in OPENAI_INIT_HINTS):
         log.warning("%s looks OpenAI-initialised; such checkpoints need the '%s-quickgelu' preset", path, preset)
     try:
-        state = load_state_dict(path)
+        state = read_state_dict(path)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise CheckpointError(f"{path}: not a readable checkpoint: {e}") from e
     if any(k.startswith("clip.") for k in state):
@@ -158,6 +170,27 @@ def load_weights(model: UrbanCrossModel, path: str, preset: str = "?") -> None:
     except Exception as e:  # noqa: BLE001 - open_clip signals misfits with Runtime/Key/AssertionError
         _check_fit(model.clip, state, path, preset)
         raise CheckpointError(f"{path}: does not fit model preset {preset!r}: {e}") from e
+
+
+def read_state_dict(path: str) -> dict:
+    """The tensors of a checkpoint file, read as data: safetensors, else `torch.load(weights_only=True)`.
+
+    Ours rather than open_clip's `load_state_dict`, which retries with a plain `torch.load` on a
+    TypeError: a crafted file could raise one and get a second, weaker unpickling.
+    """
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path, device="cpu")
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{path}: holds no state dict")
+    if next(iter(state)).startswith("module."):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
 
 
 def _check_fit(module: torch.nn.Module, state: dict, path: str, preset: str) -> None:
@@ -186,4 +219,4 @@ def _check_fit(module: torch.nn.Module, state: dict, path: str, preset: str) -> 
 def save_model(model: UrbanCrossModel, path: str | os.PathLike) -> None:
     """Write the full state dict atomically; `create_model(cfg, pretrained=path)` loads it back."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic.write_file(path, lambda tmp: torch.save({"state_dict": state}, tmp))
+    storage.write_with(path, lambda f: torch.save({"state_dict": state}, f))  # a local path or a storage URI

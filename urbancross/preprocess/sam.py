@@ -48,7 +48,11 @@ def load_sam(model_type: str, checkpoint: str):
     """SAM of `model_type` with weights from the local file `checkpoint` (never downloaded)."""
     if not os.path.isfile(checkpoint):
         raise ConfigError(f"preprocess.sam.checkpoint: no such file {checkpoint!r}")
-    return sam_builders()[model_type](checkpoint=checkpoint)
+    sam = sam_builders()[model_type](checkpoint=None)
+    # loaded here, not by segment_anything's builders: theirs is a bare torch.load(f), which
+    # unpickles arbitrary code if TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set or torch is < 2.6
+    sam.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    return sam
 
 
 def resolve_checkpoint(cfg: Config) -> str:

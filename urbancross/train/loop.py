@@ -51,9 +51,10 @@ from urbancross.config import Config, LRScheduleConfig, config_from_dict
 from urbancross.data.ingest import pick_caption
 from urbancross.evaluate.metrics import real_captions, retrieval_metrics
 from urbancross.model.factory import create_model, save_model
-from urbancross.tracking import log_metrics, mlflow_run
+from urbancross.tracking import MetricLog
 from urbancross.train.adversarial import AdaptObjective, AdaptSchedule
 from urbancross.train.cache import Cache, epoch_batches, rank_rows, rng
+from urbancross.train.checkpoint_io import load_weights_only
 from urbancross.train.curriculum import Curriculum, keep_mask, margin_difficulty, update_scores
 from urbancross.train.deepspeed_config import deepspeed_config, use_bf16
 from urbancross.train.lr_schedule import lr_factor
@@ -206,6 +207,7 @@ def build_engine(module: nn.Module, groups: list[dict], cfg: Config, w: Worker, 
     engine, *_ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg.train, w.world)
     )
+    load_weights_only(engine)  # resume reads checkpoints as data (DeepSpeed's own load unpickles code)
     return engine
 
 
@@ -255,6 +257,17 @@ def _save(engine, folder: str, w: Worker, client: dict, curriculum: dict | None)
         np.savez(os.path.join(folder, CURRICULUM_FILE), **curriculum)
 
 
+def staging_dir(rank: int) -> str:
+    """A new, empty folder for one rank's checkpoint shard before Ray uploads it.
+
+    Unique per call: Tune trials on one node run Train runs with the same name (`train`), and
+    a fixed `<name>/rank<r>` folder let one trial's save overwrite or delete another's.
+    """
+    root = os.path.join(tempfile.gettempdir(), "urbancross-ckpt")
+    os.makedirs(root, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f"rank{rank}-", dir=root)
+
+
 def save_and_report(engine, w: Worker, metrics: dict, client: dict, curriculum: dict | None = None, checkpoint: bool = True) -> None:
     """Report the epoch; with `checkpoint`, every rank first saves its DeepSpeed shard.
 
@@ -271,15 +284,23 @@ def save_and_report(engine, w: Worker, metrics: dict, client: dict, curriculum: 
         return
     name = f"epoch_{int(metrics['epoch']):06d}"
     if w.local_checkpoints is None:
-        staging = os.path.join(tempfile.gettempdir(), "urbancross-ckpt", w.name, f"rank{w.rank}", name)
-        _save(engine, staging, w, client, curriculum)
-        ray.train.report(
-            metrics, checkpoint=Checkpoint.from_directory(staging), checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
-            delete_local_checkpoint_after_upload=True,
-        )
+        staging = staging_dir(w.rank)
+        try:
+            _save(engine, staging, w, client, curriculum)
+            ray.train.report(
+                metrics, checkpoint=Checkpoint.from_directory(staging), checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+                delete_local_checkpoint_after_upload=True,
+            )
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # e.g. disk full: no half checkpoint left in /tmp
+            raise
         return
     partial, final = (os.path.join(w.local_checkpoints, n) for n in (f".{name}.partial", name))
-    _save(engine, partial, w, client, curriculum)
+    try:
+        _save(engine, partial, w, client, curriculum)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # the previous epoch's checkpoint stays the latest
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(final), delete_local_checkpoint_after_upload=False)
@@ -344,12 +365,16 @@ def validate(engine, shard, cfg: Config, w: Worker) -> dict[str, float]:
 
 @contextlib.contextmanager
 def tracking(cfg: Config, run_id: str | None, w: Worker):
-    """Rank 0 resumes the MLflow run the driver created; other ranks log nothing."""
+    """Rank 0 logs into the MLflow run the driver created (a `MetricLog`: an outage never ends
+    training; the driver closes the run); other ranks log nothing."""
     if w.rank != 0 or not run_id:
         yield lambda metrics, step: None
         return
-    with mlflow_run(cfg, "", run_id=run_id):
-        yield log_metrics
+    metric_log = MetricLog(cfg.tracking_uri(), run_id)
+    try:
+        yield metric_log
+    finally:
+        metric_log.close()
 
 
 def end_epoch(
@@ -386,12 +411,11 @@ def end_epoch(
             export()
         metrics.update(selection.metrics())
         client = {**client, **selection.state()}
-    log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "start_epoch", "start_step")}, epoch + 1)
     t0 = time.perf_counter()
     checkpoint = due(cfg.train.checkpoint_every, epoch, last) or selection.stopped
-    save_and_report(engine, w, metrics, client, curriculum, checkpoint=checkpoint)
+    save_and_report(engine, w, metrics, client, curriculum, checkpoint=checkpoint)  # first: a tracking outage must not cost the epoch
     metrics["report_seconds"] = time.perf_counter() - t0  # checkpoint + report: known only after reporting
-    log_metrics({"report_seconds": metrics["report_seconds"]}, epoch + 1)
+    log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "start_epoch", "start_step")}, epoch + 1)
     if w.rank == 0:
         log.info("%s epoch %d/%d: %s", stage, epoch + 1, epochs, _fmt(metrics))
     return metrics

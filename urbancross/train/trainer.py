@@ -18,7 +18,6 @@ and `<out_dir>/<stage>/result.json`.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -29,8 +28,8 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from urbancross.atomic import write_json
-from urbancross.config import Config, ConfigError, local_absolute, save_config
+from urbancross import storage
+from urbancross.config import Config, ConfigError, dump_config, local_absolute
 from urbancross.data.ingest import caption_texts, read_split, sample_key
 from urbancross.data.manifest import ManifestError, read_manifest
 from urbancross.model.inputs import ModelInputs
@@ -62,8 +61,21 @@ def absolute_paths(cfg: Config) -> Config:
     return cfg.override({"mlflow.tracking_uri": cfg.tracking_uri()}, where="absolute paths")
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    write_json(path, obj, indent=2, sort_keys=True, default=str)
+def _write_json(uri: str, obj: Any) -> None:
+    storage.write_json(uri, obj, indent=2, sort_keys=True, default=str)
+
+
+def in_process_checkpoints(cfg: Config, stage: str) -> Path | None:
+    """An in-process run's checkpoint folder (None with Train workers, whose checkpoints Ray stores).
+
+    There is no Train storage to upload to in-process, so the folder must be on this machine.
+    """
+    if cfg.train.num_workers != 0:
+        return None
+    folder = storage.local_path(storage.join(cfg.out_dir, stage, CHECKPOINTS))
+    if folder is None:
+        raise ConfigError(f"out_dir {cfg.out_dir} is remote: in-process runs (train.num_workers 0) keep checkpoints locally; use Train workers")
+    return Path(folder)
 
 
 def latest_local_checkpoint(folder: Path | None) -> str | None:
@@ -74,11 +86,11 @@ def latest_local_checkpoint(folder: Path | None) -> str | None:
 
 def run_state(cfg: Config, stage: str, resume: bool) -> dict:
     """Name (and MLflow run id) of this stage's run: the recorded one to resume, else a new one."""
-    path = Path(cfg.out_dir) / stage / RUN_FILE
+    path = storage.join(cfg.out_dir, stage, RUN_FILE)
     if resume:
-        if not path.exists():
+        if not storage.exists(path):
             raise FileNotFoundError(f"{path}: no {stage} run to resume (run without --resume first)")
-        return json.loads(path.read_text())
+        return storage.read_json(path)
     return {"name": f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", "mlflow_run_id": None}
 
 
@@ -226,7 +238,7 @@ def _trainer(cfg: Config, loop: Callable, loop_config: dict, name: str, datasets
     )
     run = RunConfig(
         name=name,
-        storage_path=str(Path(cfg.out_dir) / "ray_results"),
+        storage_path=storage.join(cfg.out_dir, "ray_results"),  # a URI stays one (Ray writes s3:// itself)
         failure_config=FailureConfig(max_failures=t.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
         callbacks=list(callbacks) or None,
@@ -251,21 +263,21 @@ def _fit(
 
     if not ray.is_initialized():
         ray.init()
-    stage_dir = Path(cfg.out_dir) / stage
-    local_checkpoints = stage_dir / CHECKPOINTS if cfg.train.num_workers == 0 else None
+    stage_dir = storage.join(cfg.out_dir, stage)
+    local_checkpoints = in_process_checkpoints(cfg, stage)
     resume_from = options.get("resume_from")
     if state.get("mlflow_run_id"):  # a resumed run: its own checkpoint first, as in the loop's `restore`
         resume_from = latest_local_checkpoint(local_checkpoints) or resume_from
     else:
         with mlflow_run(cfg, state["name"], tags={"stage": stage}) as run:
             state["mlflow_run_id"] = run.info.run_id
-    _write_json(stage_dir / RUN_FILE, state)
-    save_config(cfg, stage_dir / CONFIG_FILE)  # what this stage ran with: later commands take it as is
+    _write_json(storage.join(stage_dir, RUN_FILE), state)
+    storage.write_text(storage.join(stage_dir, CONFIG_FILE), dump_config(cfg))  # what this stage ran with: later commands take it as is
     loop_config = {
         **loop_config,
         "cfg": cfg.to_dict(),
         "run_id": state["mlflow_run_id"],
-        "model_path": str(stage_dir / MODEL_FILE),
+        "model_path": storage.join(stage_dir, MODEL_FILE),
         "local_checkpoints": str(local_checkpoints) if local_checkpoints else None,
         "on_step": options.get("on_step"),
         "resume_from": resume_from,
@@ -276,15 +288,15 @@ def _fit(
         "stage": stage,
         "run_name": state["name"],
         "mlflow_run_id": state["mlflow_run_id"],
-        "model_path": str(stage_dir / MODEL_FILE),
+        "model_path": storage.join(stage_dir, MODEL_FILE),
         "checkpoint_path": result.checkpoint.path if result.checkpoint else None,
         "metrics": dict(result.metrics or {}),
     }
     with mlflow_run(cfg, state["name"], run_id=state["mlflow_run_id"]):
         log_json_artifact(out, f"{stage}_result.json")
         out["model_uri"] = log_model(out["model_path"], cfg)  # what `urbancross promote --run` registers
-    _write_json(stage_dir / "model.json", model_meta)
-    _write_json(stage_dir / RESULT_FILE, out)
+    _write_json(storage.join(stage_dir, "model.json"), model_meta)
+    _write_json(storage.join(stage_dir, RESULT_FILE), out)
     return out
 
 
@@ -316,12 +328,12 @@ def run_train(cfg: Config, resume: bool = False, **options) -> dict:
 
 def stage1_model(cfg: Config) -> str:
     """The weights adaptation starts from: adapt.checkpoint (file or folder), else stage 1's export."""
-    path = Path(cfg.adapt.checkpoint or Path(cfg.out_dir) / "train")
-    if path.is_dir() or path.suffix != ".pt":
-        path = path / MODEL_FILE
-    if not path.is_file():
+    path = cfg.adapt.checkpoint or storage.join(cfg.out_dir, "train")
+    if not path.endswith(".pt"):
+        path = storage.join(path, MODEL_FILE)
+    if not storage.is_file(path):
         raise FileNotFoundError(f"adapt.checkpoint: {path} not found (run `urbancross train` first or set adapt.checkpoint)")
-    return str(path)
+    return path
 
 
 def run_adapt(cfg: Config, resume: bool = False, **options) -> dict:
