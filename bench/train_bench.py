@@ -15,7 +15,10 @@ Figures are comparable only on an otherwise idle machine; the load average is pr
 The last line is one JSON object: per_worker_ratio (Ray 1 worker / plain, steady state),
 scaling_2_vs_1 (2-worker / 1-worker samples/s), threads_per_worker, step_ms (per loop and phase).
 
-    .venv/bin/python bench/train_bench.py [--images 256] [--batch-size 16] [--repeats 3] [--demo]
+`--gpu`: everything on CUDA (bf16 autocast in the plain loop, `train.use_gpu` + bf16 in Ray Train),
+one worker per GPU (up to 2; `scaling_2_vs_1` is null with one GPU).
+
+    .venv/bin/python bench/train_bench.py [--images 256] [--batch-size 16] [--repeats 3] [--demo] [--gpu]
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from urbancross.config import SynthConfig, load_config
 PHASES = ("data", "forward", "backward", "step")
 
 
-def plain_loop(cfg, table, epochs: int) -> dict:
+def plain_loop(cfg, table, epochs: int, device: str = "cpu") -> dict:
     """A single-process torch loop over the same cache, augmentation, objective and optimizer."""
     from urbancross.data.ingest import pick_caption
     from urbancross.model.factory import create_model
@@ -49,24 +52,25 @@ def plain_loop(cfg, table, epochs: int) -> dict:
     rows = {k: _column(v) for k, v in table.to_pydict().items()}
     cache = Cache(ModelInputs(cfg, train=False, cache=True)(rows))
     torch.manual_seed(cfg.seed)
-    module = RetrievalObjective(create_model(cfg.model), cfg.loss)
+    module = RetrievalObjective(create_model(cfg.model), cfg.loss).to(device)
     opt = torch.optim.AdamW(module.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sums, steps = dict.fromkeys(PHASES, 0.0), 0
-    cpu = torch.device("cpu")
+    dev = torch.device(device)
     for epoch in range(epochs):
         for idx in epoch_batches(np.arange(len(cache)), cfg.train.batch_size, 1, 0, cfg.seed, epoch):
             t = [time.perf_counter()]
-            b = cache.batch(idx, epoch, cfg.seed, cfg, cpu, train=True)
-            b["tokens"] = pick_caption(b["tokens"], b["key"], epoch, cfg.seed)
+            b = cache.batch(idx, epoch, cfg.seed, cfg, dev, train=True)
+            b["tokens"] = pick_caption(b["tokens"], b["key"], epoch, cfg.seed).to(dev)
             t.append(time.perf_counter())
-            loss, _ = module(b)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss, _ = module(b)
             t.append(time.perf_counter())
             opt.zero_grad()
             loss.backward()
             t.append(time.perf_counter())
             torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
             opt.step()
-            float(loss.detach())
+            float(loss.detach())  # waits for the device
             t.append(time.perf_counter())
             if epoch > 0:  # the first epoch is warm-up
                 steps += 1
@@ -128,7 +132,7 @@ def demo(tmp: str) -> dict:
 
     out = os.path.join(tmp, "demo")
     records = run_demo(load(DEMO_CONFIG, [f"out_dir={out}"]))
-    times = json.loads(Path(out, "demo_times.json").read_text())
+    times = {t["stage"].split(" ")[0]: round(t["seconds"], 1) for t in json.loads(Path(out, "timings.json").read_text())}
     mr = {f"{r['model']}/{r['tested_on']}": round(r['mR'], 2) for r in records if 'mR' in r}
     return {"stage_seconds": times, "mR": mr}
 
@@ -142,7 +146,10 @@ def main() -> None:
     ap.add_argument("--min-steps", type=int, default=50, help="timed steps per worker after the warm-up epoch")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--demo", action="store_true", help="also run the demo and report its wall time per stage")
+    ap.add_argument("--gpu", action="store_true", help="CUDA: the plain loop on the GPU, Ray Train with use_gpu (bf16), 1 worker per GPU")
     args = ap.parse_args()
+    device = "cuda" if args.gpu else "cpu"
+    worker_counts = tuple(range(1, min(torch.cuda.device_count(), 2) + 1)) if args.gpu else (1, 2)
 
     import ray
 
@@ -167,7 +174,8 @@ def main() -> None:
                 f"train.batch_size={args.batch_size}",
                 f"train.zero_stage={args.zero_stage}",
                 f"train.threads_per_worker={args.threads}",
-                "train.precision=fp32",
+                f"train.precision={'bf16' if args.gpu else 'fp32'}",
+                f"train.use_gpu={args.gpu}",
                 f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
             ],
         )
@@ -176,10 +184,10 @@ def main() -> None:
               f"{args.threads} thread(s)/worker, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
               f"DeepSpeed op cache {'cold' if cold else 'warm'}", flush=True)
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        runs: dict[str, list[dict]] = {"plain": [], "ray1": [], "ray2": []}
+        runs: dict[str, list[dict]] = {"plain": [], **{f"ray{w}": [] for w in worker_counts}}
         for r in range(args.repeats):  # interleaved: load drifts hit every loop alike
-            runs["plain"].append(plain_loop(cfg, table, epochs))
-            for w in (1, 2):
+            runs["plain"].append(plain_loop(cfg, table, epochs, device))
+            for w in worker_counts:
                 runs[f"ray{w}"].append(ray_train(cfg, w, os.path.join(tmp, f"r{r}w{w}")))
             print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]['samples_per_s']:.1f} samples/s" for k, v in runs.items()), flush=True)
         extra = demo(tmp) if args.demo else None
@@ -188,13 +196,13 @@ def main() -> None:
     med = {k: statistics.median(x["samples_per_s"] for x in v) for k, v in runs.items()}
     step_ms = {k: {p: round(statistics.median(x["ms"][p] for x in v), 2) for p in PHASES} for k, v in runs.items()}
     print(f"\n{'loop':28s} {'samples/s':>10s} {'ratio':>6s} {'steps':>6s}  ms/step " + " ".join(f"{p:>8s}" for p in PHASES))
-    for k, name in (("plain", "plain torch, 1 process"), ("ray1", "Ray Train+DS, 1 worker"), ("ray2", "Ray Train+DS, 2 workers")):
+    for k, name in (("plain", "plain torch, 1 process"), *((f"ray{w}", f"Ray Train+DS, {w} worker(s)") for w in worker_counts)):
         steps = min(x["steps"] for x in runs[k])
         print(f"{name:28s} {med[k]:10.1f} {med[k] / med['plain']:6.2f} {steps:6d}          " + " ".join(f"{step_ms[k][p]:8.1f}" for p in PHASES))
     boundary = {
         f"ray{w}": {k: round(statistics.median(x[k] for x in runs[f"ray{w}"]), 2) for k in (
             "validation_s", "report_s", "checkpoint_report_s", "startup_engine_s", "startup_cache_s", "other_s", "fit_wall_s")}
-        for w in (1, 2)
+        for w in worker_counts
     }
     print("\nepoch boundary and start-up (s, median):")
     for k, v in boundary.items():
@@ -205,7 +213,8 @@ def main() -> None:
     print(f"load average now {load_after:.1f} (figures are only comparable on an otherwise idle machine)")
     summary = {
         "per_worker_ratio": round(med["ray1"] / med["plain"], 3),
-        "scaling_2_vs_1": round(med["ray2"] / med["ray1"], 3),
+        "scaling_2_vs_1": round(med["ray2"] / med["ray1"], 3) if "ray2" in med else None,
+        "device": device,
         "threads_per_worker": args.threads,
         "step_ms": step_ms,
         "samples_per_s": {k: round(v, 2) for k, v in med.items()},

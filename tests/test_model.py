@@ -1,6 +1,8 @@
 """UrbanCross model on the `tiny` preset: forward/backward on CPU, gradients, save/load, errors."""
 
 import dataclasses
+import hashlib
+import logging
 
 import numpy as np
 import open_clip
@@ -10,7 +12,7 @@ from PIL import Image
 
 from urbancross.config import LossConfig, ModelConfig
 from urbancross.loss import retrieval_loss
-from urbancross.model import CheckpointError, create_model, get_tokenizer, image_size, image_transform, save_model
+from urbancross.model import CheckpointError, announce_weights, create_model, get_tokenizer, image_size, image_transform, save_model
 from urbancross.model.factory import TINY_NAME, open_clip_name
 from urbancross.model.global_local import GlobalLocalBlock, _partition, _unpartition
 
@@ -104,6 +106,34 @@ def test_plain_open_clip_checkpoint_loads_through_open_clip(tmp_path):
     for name in ("visual.conv1.weight", "token_embedding.weight", "text_projection"):
         torch.testing.assert_close(model.clip.state_dict()[name], clip.state_dict()[name])
         torch.testing.assert_close(oc.state_dict()[name], clip.state_dict()[name])
+
+
+def test_a_local_checkpoint_is_announced_once_with_what_was_loaded(tmp_path, caplog):
+    """open_clip's "initialized randomly" warning is not shown when a checkpoint is loaded next;
+    the run logs instead, once, the file's sha256 prefix, the parameters loaded and what was
+    skipped (a key open_clip drops) or left at its initialisation (the fusion head)."""
+    cfg = ModelConfig()
+    clip = open_clip.create_model(open_clip_name(cfg))
+    state = {**clip.state_dict(), "text.transformer.embeddings.position_ids": torch.arange(64)}
+    path = tmp_path / "RemoteCLIP-tiny.pt"
+    torch.save(state, path)
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="urbancross")  # ours at INFO, libraries' (root) at WARNING
+    create_model(cfg, pretrained=str(path))  # a worker's load: nothing at INFO or above
+    assert [r.getMessage() for r in caplog.records] == []
+    report = announce_weights(cfg, str(path))
+    [record] = caplog.records
+    assert record.levelno == logging.INFO and record.name == "urbancross.model.factory"
+    message = record.getMessage()
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    params = sum(v.numel() for v in clip.state_dict().values())
+    assert f"loaded {path} (sha256 {sha}, {len(clip.state_dict())} tensors, {params:,} parameters" in message
+    assert "skipped: text.transformer.embeddings.position_ids;" in message
+    assert report["skipped"] == ["text.transformer.embeddings.position_ids"]
+    assert report["random_init"] == sorted(k for k in create_model(cfg).state_dict() if not k.startswith("clip."))
+    assert "initialised randomly: fusion." in message
+    assert "initialized randomly" in caplog.text  # no checkpoint: open_clip's warning is true, and kept
+    assert logging.getLogger().filters == []
 
 
 def test_mismatched_checkpoints_fail_clearly(tmp_path):

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from tiny_lmm import save_tiny_instructblip  # tests/ helper
@@ -277,6 +278,19 @@ def test_tiny_instructblip_loads_and_garbage_keeps_original_captions(bench, tiny
     assert len(generated) == 2 and all(check_caption(g, cfg.preprocess.refine) is not None for g in generated)
     out = refiner.process(images, rows)
     assert [o["refined_captions"] for o in out] == [r["captions"] for r in rows]
+
+
+def test_lmm_precision_bf16_loads_and_generates_in_bf16(bench, tiny_lmm):
+    """`refine.precision` (auto: bf16 on a GPU) halves a real LMM's memory; forced here on CPU."""
+    table, _ = bench
+    cfg = load_config(None, ["preprocess.refine.kind=lmm", f"preprocess.refine.model_dir={tiny_lmm}",
+                             "preprocess.refine.max_new_tokens=6", "preprocess.refine.precision=bf16"])
+    refiner = Refiner(cfg)
+    assert next(refiner.model.parameters()).dtype == torch.bfloat16
+    rows = table.slice(0, 2).to_pylist()
+    generated = refiner.generate([decode_image(r["image"]) for r in rows], ["describe the image"] * 2)
+    assert len(generated) == 2 and all(isinstance(g, str) for g in generated)
+    assert next(Refiner(cfg.override({"preprocess.refine.precision": "auto"})).model.parameters()).dtype == torch.float32  # CPU
 
 
 def test_rerun_with_everything_done_skips_without_ray(bench, tmp_path, capsys):

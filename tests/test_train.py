@@ -244,13 +244,20 @@ def test_a_stage_saves_the_config_it_ran_with(trained, tmp_path, monkeypatch):
 
 
 @pytest.mark.ray
-def test_adapt_in_process_alternating_zero2(trained):
+def test_adapt_in_process_alternating_zero2(trained, caplog):
+    import logging
+
     from urbancross.model.factory import create_model
     from urbancross.train import run_adapt
 
     cfg, stage1 = trained
     cfg = tiny_cfg(cfg.data.manifest, cfg.out_dir, "adapt.mode=alternating", "train.zero_stage=2")
+    caplog.set_level(logging.INFO, logger="urbancross")
     result = run_adapt(cfg)
+    # the stage-1 weights are announced once per run (the loop's own load is quiet), never as "initialized randomly"
+    announced = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model weights: loaded")]
+    assert len(announced) == 1 and announced[0].startswith(f"model weights: loaded {stage1['model_path']} (sha256 ")
+    assert "initialized randomly" not in caplog.text
     m = result["metrics"]
     assert (m["epoch"], m["step"]) == (2, 6)  # 9 source images in batches of 4: 3 steps per pass
     assert m["kept_share"] == pytest.approx(0.4)  # pass 2 of the reference's pacing: 0.2 + 0.2

@@ -195,6 +195,8 @@ class RefineConfig(Section):
     min_chars: int = num(8, ge=0)
     max_chars: int = num(600, ge=1)
     max_repeat_fraction: float = num(0.5, ge=0, le=1)
+    # auto = bf16 on a GPU, fp32 on CPU: an InstructBLIP-Vicuna-7B holds 8B parameters, 32 GB in fp32
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     num_gpus: float = num(0.0, ge=0)
     num_cpus: float = num(0.5, ge=0)
     concurrency: int = num(1, ge=1)

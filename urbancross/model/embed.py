@@ -45,7 +45,7 @@ def embed_images_both(model: nn.Module, images: torch.Tensor, segments=None, seg
         return image, image
     if segments is None:
         segments = images.new_zeros(images.shape[0], 1, *images.shape[1:])
-        segment_mask = torch.zeros(images.shape[0], 1, dtype=torch.bool)
+        segment_mask = torch.zeros(images.shape[0], 1, dtype=torch.bool, device=images.device)
     elif segment_mask is None:
         segment_mask = torch.ones(segments.shape[:2], dtype=torch.bool, device=segments.device)
     segment_mask = torch.as_tensor(segment_mask, dtype=torch.bool)
@@ -76,27 +76,29 @@ def embed_rows(model: nn.Module, inputs: ModelInputs, rows: Mapping[str, np.ndar
     scored as extra queries. `texts=False`: images only (an index).
     """
     x = inputs(rows)
-    batch = {k: torch.as_tensor(x[k]) for k in BATCH_TENSORS if k in x}
+    device = next(model.parameters()).device
+    batch = {k: torch.as_tensor(x[k]).to(device) for k in BATCH_TENSORS if k in x}
     image, image_only = embed_images_both(model, batch["images"], batch.get("segments"), batch.get("segment_mask"))
-    out = {"image_id": x["image_id"], "domain": x["domain"], "image": image.float().numpy()}
+    out = {"image_id": x["image_id"], "domain": x["domain"], "image": image.float().cpu().numpy()}
     if getattr(model, "fusion", None) is not None:
-        out["image_only"] = image_only.float().numpy()
+        out["image_only"] = image_only.float().cpu().numpy()
     if not texts:
         return out
     text = embed_texts(model, batch["tokens"])
     b, c = x["tokens"].shape[:2]
-    out["text"] = text.reshape(b, c, -1).float().numpy()
+    out["text"] = text.reshape(b, c, -1).float().cpu().numpy()
     out["num_captions"] = x["num_captions"]
     return out
 
 
 class Embedder:
-    """Ray Data actor: loads the model once (plain state dict), then embeds batches of rows."""
+    """Ray Data actor: loads the model once (plain state dict, on the GPU when `evaluate.num_gpus` > 0), then embeds batches of rows."""
 
     def __init__(self, cfg: Config, weights: str):
         torch.set_num_threads(max(1, int(cfg.evaluate.num_cpus)))
         self.cfg = cfg
-        self.model = create_model(cfg.model, pretrained=weights).eval()
+        device = "cuda" if cfg.evaluate.num_gpus > 0 and torch.cuda.is_available() else "cpu"  # the actor's GPU
+        self.model = create_model(cfg.model, pretrained=weights).eval().to(device)
         self.inputs = ModelInputs(cfg, train=False, keep_ids=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

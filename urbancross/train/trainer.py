@@ -32,6 +32,7 @@ from urbancross import storage
 from urbancross.config import Config, ConfigError, dump_config, local_absolute
 from urbancross.data.ingest import caption_texts, read_split, sample_key
 from urbancross.data.manifest import ManifestError, read_manifest
+from urbancross.model.factory import announce_weights
 from urbancross.model.inputs import ModelInputs
 from urbancross.tracking import log_json_artifact, mlflow_run
 from urbancross.train.cache import fingerprint, use_disk, write_folder
@@ -56,7 +57,7 @@ def absolute_paths(cfg: Config) -> Config:
     run in other directories, and a later command must find the same store."""
     if not cfg.data.manifest:
         raise ConfigError("data.manifest is empty: set it to a manifest folder (or run `urbancross demo`)")
-    paths = ("out_dir", "data.manifest", "data.root", "adapt.checkpoint")
+    paths = ("out_dir", "data.manifest", "data.root", "adapt.checkpoint", "model.pretrained")
     cfg = cfg.override({key: local_absolute(cfg.flat()[key]) for key in paths}, where="absolute paths")
     return cfg.override({"mlflow.tracking_uri": cfg.tracking_uri()}, where="absolute paths")
 
@@ -317,6 +318,8 @@ def run_train(cfg: Config, resume: bool = False, **options) -> dict:
     domain = {"": cfg.data.source_domain, "all": None}.get(cfg.train.domain, cfg.train.domain)
     table, val = validation_slice(cfg, read_split(cfg, cfg.data.train_split, domain), domain)
     check_disjoint(cfg, table, val)
+    if cfg.model.pretrained:
+        announce_weights(cfg.model, cfg.model.pretrained)  # once here; the workers load it quietly
     log.info("train: %d images (%s), validation %d", table.num_rows, domain or "all domains", 0 if val is None else val.num_rows)
     note_missing_labels(cfg, table, "train")
     train, train_dir = training_cache(cfg, table, "train")
@@ -349,6 +352,7 @@ def run_adapt(cfg: Config, resume: bool = False, **options) -> dict:
     source = read_split(cfg, cfg.data.train_split, cfg.data.source_domain)
     target, val = validation_slice(cfg, read_split(cfg, cfg.data.train_split, cfg.data.target_domain), cfg.data.target_domain)
     check_disjoint(cfg, source, target, val)
+    announce_weights(cfg.model, init_model)  # once here; the workers load it quietly
     log.info("adapt: source %d images (%s), target %d (%s)", source.num_rows, cfg.data.source_domain, target.num_rows, cfg.data.target_domain)
     note_missing_labels(cfg, source, "adapt")
     (source_ds, source_dir), (target_ds, target_dir) = training_cache(cfg, source, "adapt"), training_cache(cfg, target, "adapt")
