@@ -1,119 +1,230 @@
-"""Throughput of Ray Train + DeepSpeed (1 and 2 workers) against a plain PyTorch loop.
+"""A fair throughput bench: Ray Train + DeepSpeed (1 and 2 workers) against a plain PyTorch loop.
 
-Same model (tiny preset), data (a synthesized manifest), batch size and loss in all three.
-The plain loop decodes and augments in its own process (what Ray Data takes off the
-training process). Prints samples/s of the last epoch (steady state: start-up, JIT and the
-first Ray Data execution excluded) and end to end, and each as a ratio to the plain loop.
+All three run the same model (tiny preset), data (a synthesized manifest decoded once into the
+training cache), batch per worker, precision (fp32 on CPU), ZeRO stage, augmentation (seeded,
+on the cached arrays) and torch threads per worker (`--threads`). Reported, in one run:
+- steady-state samples/s: the steps after the first (warm-up) epoch, >= `--min-steps` timed
+  steps per worker, median of `--repeats` interleaved repeats (plain, 1 worker, 2 workers, ...);
+- ms per step by phase: data (cache -> batch, augmentation), forward, backward, optimizer step
+  (+ gradient all-reduce under DeepSpeed);
+- epoch-boundary costs (validation, checkpoint + report) and start-up (engine build, cache load
+  in the worker, and the rest of the fit's wall time: driver-side decode, worker launch,
+  MLflow), with whether DeepSpeed's op cache was cold;
+- with `--demo`, the demo's wall time per stage and its cross-domain mR.
+Figures are comparable only on an otherwise idle machine; the load average is printed.
+The last line is one JSON object: per_worker_ratio (Ray 1 worker / plain, steady state),
+scaling_2_vs_1 (2-worker / 1-worker samples/s), threads_per_worker, step_ms (per loop and phase).
 
-    .venv/bin/python bench/train_bench.py [--images 64] [--epochs 3] [--batch-size 16]
+`--gpu`: everything on CUDA (bf16 autocast in the plain loop, `train.use_gpu` + bf16 in Ray Train),
+one worker per GPU (up to 2; `scaling_2_vs_1` is null with one GPU).
+
+    .venv/bin/python bench/train_bench.py [--images 256] [--batch-size 16] [--repeats 3] [--demo] [--gpu]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import statistics
 import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from urbancross.config import SynthConfig, load_config
 
+PHASES = ("data", "forward", "backward", "step")
 
-def plain_loop(cfg, table, epochs: int) -> tuple[float, float]:
-    """(last-epoch samples/s, end-to-end samples/s) of a single-process torch loop."""
+
+def plain_loop(cfg, table, epochs: int, device: str = "cpu") -> dict:
+    """A single-process torch loop over the same cache, augmentation, objective and optimizer."""
     from urbancross.data.ingest import pick_caption
-    from urbancross.loss import retrieval_loss
     from urbancross.model.factory import create_model
     from urbancross.model.inputs import ModelInputs
+    from urbancross.train.cache import Cache, epoch_batches
+    from urbancross.train.objective import RetrievalObjective
 
-    t0 = time.perf_counter()
+    torch.set_num_threads(cfg.train.threads_per_worker)
+    rows = {k: _column(v) for k, v in table.to_pydict().items()}
+    cache = Cache(ModelInputs(cfg, train=False, cache=True)(rows))
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    inputs = ModelInputs(cfg, train=True)
-    rows = table.to_pydict()
-    n, b = table.num_rows, cfg.train.batch_size
-    last = 0.0
+    module = RetrievalObjective(create_model(cfg.model), cfg.loss).to(device)
+    opt = torch.optim.AdamW(module.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    sums, steps = dict.fromkeys(PHASES, 0.0), 0
+    dev = torch.device(device)
     for epoch in range(epochs):
-        te = time.perf_counter()
-        for start in range(0, n, b):
-            batch = {k: v[start : start + b] for k, v in rows.items()}
-            arrays = inputs({k: _column(v) for k, v in batch.items()})
-            tokens = pick_caption(torch.as_tensor(arrays["tokens"]), arrays["key"], epoch, cfg.seed)
-            out = model(torch.as_tensor(arrays["images"]), tokens)
-            loss, _ = retrieval_loss(out, cfg.loss)
+        for idx in epoch_batches(np.arange(len(cache)), cfg.train.batch_size, 1, 0, cfg.seed, epoch):
+            t = [time.perf_counter()]
+            b = cache.batch(idx, epoch, cfg.seed, cfg, dev, train=True)
+            b["tokens"] = pick_caption(b["tokens"], b["key"], epoch, cfg.seed).to(dev)
+            t.append(time.perf_counter())
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss, _ = module(b)
+            t.append(time.perf_counter())
             opt.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            t.append(time.perf_counter())
+            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
             opt.step()
-        last = n / (time.perf_counter() - te)
-    return last, n * epochs / (time.perf_counter() - t0)
+            float(loss.detach())  # waits for the device
+            t.append(time.perf_counter())
+            if epoch > 0:  # the first epoch is warm-up
+                steps += 1
+                for k, a, z in zip(PHASES, t, t[1:]):
+                    sums[k] += z - a
+    ms = {k: 1000 * v / max(steps, 1) for k, v in sums.items()}
+    return {"steps": steps, "ms": ms, "samples_per_s": cfg.train.batch_size * 1000 / sum(ms.values())}
 
 
 def _column(values: list):
-    import numpy as np
-
     arr = np.empty(len(values), dtype=object)
     arr[:] = values
     return arr
 
 
-def ray_train(cfg, workers: int, out_dir: str) -> tuple[float, float]:
+def ray_train(cfg, workers: int, out_dir: str) -> dict:
+    """One `run_train` fit; steady state from the per-epoch step times rank 0 logs to MLflow."""
+    import mlflow
+
     from urbancross.train import run_train
 
-    cfg = cfg.override({"train.num_workers": workers, "out_dir": os.path.join(out_dir, f"workers{workers}")})
+    cfg = cfg.override({"train.num_workers": workers, "out_dir": out_dir})
     t0 = time.perf_counter()
     result = run_train(cfg)
     wall = time.perf_counter() - t0
+    client = mlflow.MlflowClient(cfg.tracking_uri())
+    hist = {
+        k: [m.value for m in sorted(client.get_metric_history(result["mlflow_run_id"], k), key=lambda m: m.step)]
+        for k in ("steps", "epoch_seconds", "validation_seconds", "report_seconds", *(f"ms_{p}" for p in PHASES))
+    }
+    steady = slice(1, None)  # epochs after the first
+    steps = hist["steps"][steady]
+    ms = {p: sum(s * v for s, v in zip(steps, hist[f"ms_{p}"][steady])) / max(sum(steps), 1) for p in PHASES}
     m = result["metrics"]
-    per_epoch = m["samples"] / cfg.train.epochs
-    return per_epoch / m["epoch_seconds"], m["samples"] / wall
+    loop_total = sum(hist["epoch_seconds"]) + sum(hist["validation_seconds"]) + sum(hist["report_seconds"])
+    return {
+        "steps": int(sum(steps)),
+        "ms": ms,
+        "samples_per_s": workers * cfg.train.batch_size * 1000 / sum(ms.values()),
+        "validation_s": statistics.median(hist["validation_seconds"]),
+        "report_s": statistics.median(hist["report_seconds"][:-1] or hist["report_seconds"]),  # without a checkpoint
+        "checkpoint_report_s": hist["report_seconds"][-1],  # the last epoch always checkpoints
+        "startup_engine_s": m["startup_engine_seconds"],
+        "startup_cache_s": m["startup_cache_seconds"],
+        "fit_wall_s": wall,
+        "other_s": wall - loop_total - m["startup_engine_seconds"] - m["startup_cache_seconds"],
+    }
+
+
+def op_cache_cold() -> bool:
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    return not any(root.glob("**/deepspeed_shm_comm*")) if root.exists() else True
+
+
+def demo(tmp: str) -> dict:
+    """The embedded demo end to end: wall seconds per stage, and mR per (model, domain)."""
+    from urbancross.config import load_config as load
+    from urbancross.demo import DEMO_CONFIG, run_demo
+
+    out = os.path.join(tmp, "demo")
+    records = run_demo(load(DEMO_CONFIG, [f"out_dir={out}"]))
+    times = {t["stage"].split(" ")[0]: round(t["seconds"], 1) for t in json.loads(Path(out, "timings.json").read_text())}
+    mr = {f"{r['model']}/{r['tested_on']}": round(r['mR'], 2) for r in records if 'mR' in r}
+    return {"stage_seconds": times, "mR": mr}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=64, help="images in the training domain")
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--images", type=int, default=256, help="training images")
+    ap.add_argument("--batch-size", type=int, default=16, help="per worker")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker (and in the plain loop)")
     ap.add_argument("--zero-stage", type=int, default=2)
+    ap.add_argument("--min-steps", type=int, default=50, help="timed steps per worker after the warm-up epoch")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--demo", action="store_true", help="also run the demo and report its wall time per stage")
+    ap.add_argument("--gpu", action="store_true", help="CUDA: the plain loop on the GPU, Ray Train with use_gpu (bf16), 1 worker per GPU")
     args = ap.parse_args()
+    device = "cuda" if args.gpu else "cpu"
+    worker_counts = tuple(range(1, min(torch.cuda.device_count(), 2) + 1)) if args.gpu else (1, 2)
 
     import ray
 
     from urbancross.data.ingest import read_split
     from urbancross.data.synth import synthesize
 
+    cold = op_cache_cold()
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
         manifest = os.path.join(tmp, "manifest")
         synthesize(SynthConfig(domains=["Finland"], images_per_domain=math.ceil(args.images / 0.75), test_fraction=0.25), manifest)
+        steps_2 = math.ceil(args.images / (2 * args.batch_size))  # per worker and epoch with 2 workers
+        epochs = 1 + math.ceil(args.min_steps / max(steps_2 - 1, 1))
         cfg = load_config(
             None,
             [
                 f"data.manifest={manifest}",
                 "model.use_segments=false",
                 "train.curriculum=false",
-                "train.val_images=0",
-                "train.ingest_actors=0",
-                f"train.epochs={args.epochs}",
+                "train.val_images=32",
+                f"train.epochs={epochs}",
+                f"train.checkpoint_every={epochs}",
                 f"train.batch_size={args.batch_size}",
                 f"train.zero_stage={args.zero_stage}",
+                f"train.threads_per_worker={args.threads}",
+                f"train.precision={'bf16' if args.gpu else 'fp32'}",
+                f"train.use_gpu={args.gpu}",
                 f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
             ],
         )
         table = read_split(cfg, "train", "Finland")
-        print(f"{table.num_rows} images, batch {args.batch_size}, {args.epochs} epochs, tiny preset, ZeRO-{args.zero_stage}, "
-              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
-        rows = {"plain torch (1 process)": plain_loop(cfg, table, args.epochs)}
+        print(f"{table.num_rows} images, batch {args.batch_size}/worker, {epochs} epochs, tiny preset, ZeRO-{args.zero_stage}, "
+              f"{args.threads} thread(s)/worker, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
+              f"DeepSpeed op cache {'cold' if cold else 'warm'}", flush=True)
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        for workers in (1, 2):
-            rows[f"Ray Train + DeepSpeed, {workers} worker(s)"] = ray_train(cfg, workers, tmp)
-        print(f"load average now {os.getloadavg()[0]:.1f} (figures are only comparable on an otherwise idle machine)")
-        base_last, base_e2e = rows["plain torch (1 process)"]
-        print(f"\n{'loop':40s} {'last epoch s/s':>15s} {'ratio':>7s} {'end-to-end s/s':>15s} {'ratio':>7s}")
-        for name, (last, e2e) in rows.items():
-            print(f"{name:40s} {last:15.1f} {last / base_last:7.2f} {e2e:15.1f} {e2e / base_e2e:7.2f}")
+        runs: dict[str, list[dict]] = {"plain": [], **{f"ray{w}": [] for w in worker_counts}}
+        for r in range(args.repeats):  # interleaved: load drifts hit every loop alike
+            runs["plain"].append(plain_loop(cfg, table, epochs, device))
+            for w in worker_counts:
+                runs[f"ray{w}"].append(ray_train(cfg, w, os.path.join(tmp, f"r{r}w{w}")))
+            print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]['samples_per_s']:.1f} samples/s" for k, v in runs.items()), flush=True)
+        extra = demo(tmp) if args.demo else None
+        load_after = os.getloadavg()[0]
+
+    med = {k: statistics.median(x["samples_per_s"] for x in v) for k, v in runs.items()}
+    step_ms = {k: {p: round(statistics.median(x["ms"][p] for x in v), 2) for p in PHASES} for k, v in runs.items()}
+    print(f"\n{'loop':28s} {'samples/s':>10s} {'ratio':>6s} {'steps':>6s}  ms/step " + " ".join(f"{p:>8s}" for p in PHASES))
+    for k, name in (("plain", "plain torch, 1 process"), *((f"ray{w}", f"Ray Train+DS, {w} worker(s)") for w in worker_counts)):
+        steps = min(x["steps"] for x in runs[k])
+        print(f"{name:28s} {med[k]:10.1f} {med[k] / med['plain']:6.2f} {steps:6d}          " + " ".join(f"{step_ms[k][p]:8.1f}" for p in PHASES))
+    boundary = {
+        f"ray{w}": {k: round(statistics.median(x[k] for x in runs[f"ray{w}"]), 2) for k in (
+            "validation_s", "report_s", "checkpoint_report_s", "startup_engine_s", "startup_cache_s", "other_s", "fit_wall_s")}
+        for w in worker_counts
+    }
+    print("\nepoch boundary and start-up (s, median):")
+    for k, v in boundary.items():
+        print(f"  {k}: " + ", ".join(f"{n}={x}" for n, x in v.items()))
+    if extra:
+        print("\ndemo wall seconds per stage:", extra["stage_seconds"])
+        print("demo mR:", extra["mR"])
+    print(f"load average now {load_after:.1f} (figures are only comparable on an otherwise idle machine)")
+    summary = {
+        "per_worker_ratio": round(med["ray1"] / med["plain"], 3),
+        "scaling_2_vs_1": round(med["ray2"] / med["ray1"], 3) if "ray2" in med else None,
+        "device": device,
+        "threads_per_worker": args.threads,
+        "step_ms": step_ms,
+        "samples_per_s": {k: round(v, 2) for k, v in med.items()},
+        "boundary_s": boundary,
+        "deepspeed_op_cache": "cold" if cold else "warm",
+        "repeats": args.repeats,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        **({"demo": extra} if extra else {}),
+    }
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

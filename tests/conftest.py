@@ -10,6 +10,11 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--realsize-device", choices=("cpu", "cuda"), default="cpu",
+                     help="where the `realsize` tests run their models (bench/gpu_check.sh passes cuda)")
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray runtime sized for a 2-core machine, shared by every Ray test."""

@@ -209,6 +209,8 @@ def test_rayjob_runtime_env_is_valid_and_matches_runtime_env_yaml():
     env = yaml.safe_load(load(RAYJOB)["spec"]["runtimeEnvYAML"])
     RuntimeEnv(**env)
     assert re.match(r"^(https|s3|gs)://.+\.zip$", env["working_dir"])  # the submitter pod has no local checkout
+    # pinned: a commit's zip (or a release tag's), never a branch's, which changes under the job
+    assert re.search(r"/archive/([0-9a-f]{40}|refs/tags/v[\w.]+)\.zip$", env["working_dir"]), env["working_dir"]
     assert {k: env[k] for k in ("pip", "env_vars", "config")} == {k: shared[k] for k in ("pip", "env_vars", "config")}
 
 
@@ -219,6 +221,20 @@ def test_pretrained_weights_are_on_a_volume_every_node_mounts():
             assert any(pretrained.startswith(m["mountPath"] + "/") for m in c["volumeMounts"]), (path.name, c["name"])
     mounts = [opt.split()[1].split(":")[1] for opt in load(LAUNCHER)["docker"]["run_options"] if opt.startswith("--volume")]
     assert any(pretrained.startswith(m + "/") for m in mounts)
+
+
+def test_mlflow_credentials_come_from_a_secret_never_from_a_shipped_file():
+    """Every Ray container gets MLFLOW_TRACKING_USERNAME/PASSWORD from a Secret; no file sets a value."""
+    for path in (RAYCLUSTER, RAYJOB):
+        for c in containers(cluster_spec_of(load(path))):
+            env = {e["name"]: e for e in c.get("env", [])}
+            for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                assert "value" not in env[name] and env[name]["valueFrom"]["secretKeyRef"]["name"], (path.name, c["name"], name)
+    envs = [load(RUNTIME_ENV)["env_vars"], yaml.safe_load(load(RAYJOB)["spec"]["runtimeEnvYAML"])["env_vars"]]
+    for env in envs:
+        assert not {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"} & set(env)
+        assert env["MLFLOW_TRACKING_URI"].startswith("https://")  # credentials travel over TLS only
+    assert load_config(TRAIN_GPU).tracking_uri().startswith("https://")
 
 
 # --------------------------------------------------------------------------- runtime_env

@@ -1,3 +1,5 @@
+import time
+
 import pytest
 
 from urbancross.config import Config, ConfigError, SynthConfig, load_config, save_config
@@ -231,3 +233,16 @@ def test_demo_saves_the_config_it_runs_with(tmp_path, monkeypatch):
     assert again == cfg and demo_config(again) == cfg  # a re-run of the demo on it plans the same run
     own = demo_config(load_config(DEMO_CONFIG, [f"out_dir={out}", "data.manifest=/data/m"]))
     assert (own.preprocess.input, own.data.manifest) == ("/data/m", str(out / "preprocessed"))
+
+
+def test_demo_writes_each_stage_time_as_it_finishes(tmp_path):
+    import json
+
+    from urbancross.demo import TIMINGS_FILE, _timed
+
+    timings: list[dict] = []
+    assert _timed("first", lambda: 7, timings, tmp_path) == 7
+    _timed("second", lambda: time.sleep(0.05), timings, tmp_path)
+    saved = json.loads((tmp_path / TIMINGS_FILE).read_text())
+    assert [t["stage"] for t in saved] == ["first", "second"] and saved[1]["seconds"] >= 0.05
+    assert saved[0]["started"] <= saved[1]["started"] <= time.time()

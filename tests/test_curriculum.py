@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,10 +28,11 @@ from urbancross.train.curriculum import (
         ("linear", 0, 0.25),
         ("root", 0, 0.25),
         ("geometric", 0, 0.25),
-        ("linear", 2, 0.55),  # t = 2 / (0.5 * 10) = 0.4
-        ("root", 2, math.sqrt(0.4375)),  # sqrt(0.0625 + 0.9375 * 0.4)
-        ("geometric", 2, 0.25**0.6),
-        ("linear", 5, 1.0),
+        ("linear", 2, 0.625),  # ramp of ceil(0.5 * 10) = 5 epochs: t = 2 / 4 = 0.5
+        ("root", 2, math.sqrt(0.53125)),  # sqrt(0.0625 + 0.9375 * 0.5)
+        ("geometric", 2, 0.25**0.5),
+        ("linear", 3, 0.8125),
+        ("linear", 4, 1.0),  # the ramp's last epoch sees everything
         ("root", 9, 1.0),
         ("geometric", 7, 1.0),
     ],
@@ -45,6 +47,28 @@ def test_pacing_is_monotone_and_rejects_unknown():
         assert values == sorted(values) and values[-1] == 1.0
     with pytest.raises(ValueError, match="unknown pacing"):
         pacing_fraction(0, 4, "cubic", 0.3, 0.6)
+
+
+def test_pacing_reaches_all_data_by_the_last_ramp_epoch_for_every_tune_value():
+    """Every pacing, start and length the curriculum space can sample (its ranges, read from the
+    file) and any epoch count: the ramp's last epoch, ceil(length * epochs) - 1, sees 100%."""
+    from urbancross.tune.space import load_space
+
+    space = load_space(Path(__file__).resolve().parents[1] / "tune_spaces" / "curriculum.yaml").params
+    pacings = space["train.curriculum.pacing"].args
+    s_lo, s_hi = space["train.curriculum.start_fraction"].args
+    l_lo, l_hi = space["train.curriculum.length"].args
+    assert pacing_fraction(5, 6, "root", 0.3, 1.0) == 1.0  # was 0.92
+    for pacing in pacings:
+        for s0 in np.linspace(s_lo, s_hi, 6):
+            for length in np.linspace(l_lo, l_hi, 15):
+                for epochs in range(1, 61):
+                    last = max(1, math.ceil(length * epochs - 1e-9)) - 1
+                    values = [pacing_fraction(e, epochs, pacing, float(s0), float(length)) for e in range(epochs)]
+                    assert values[last] == 1.0 and values[-1] == 1.0, (pacing, s0, length, epochs)
+                    assert values == sorted(values)
+                    if last > 0:
+                        assert values[0] == pytest.approx(s0) and values[last - 1] < 1.0
 
 
 def test_similarity_margin_hand_worked():
@@ -81,10 +105,10 @@ def test_easiest_keys_ties_by_key_and_rounds_up():
 
 def test_curriculum_exposes_easiest_first_then_everything():
     scores = {k: float(k) for k in range(100)}  # key k has difficulty k
-    cur = Curriculum(CurriculumConfig(pacing="linear", start_fraction=0.2, length=0.5), epochs=4, scores=scores)
+    cur = Curriculum(CurriculumConfig(pacing="linear", start_fraction=0.2, length=0.75), epochs=4, scores=scores)
     first = cur.allowed(0)
     assert first.tolist() == list(range(20))
-    assert cur.allowed(1).tolist() == list(range(60))  # 0.2 + 0.8 * 0.5
+    assert cur.allowed(1).tolist() == list(range(60))  # ramp of 3 epochs: 0.2 + 0.8 * 0.5
     assert cur.allowed(2) is None and cur.allowed(3) is None
     off = Curriculum(CurriculumConfig(enabled=False), epochs=4, scores=scores)
     assert off.allowed(0) is None and off.fraction(0) == 1.0

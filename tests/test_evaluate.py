@@ -85,6 +85,47 @@ def test_domain_metrics_hand_worked():
     assert set(with_smr["smr"]) == {"i2t_r1", "t2i_r1", "mR"}
 
 
+def test_fused_and_image_only_scoring_both_reported():
+    """A model that fuses segments is scored both ways, like the reference: its fused embedding
+    (plain) and the tile's own embedding (`image_only`); the report has a table for each."""
+    cfg = config_from_dict({"evaluate": {"ks": [1], "smr": {"enabled": False}}})
+    emb = hand_embeddings()
+    other = emb["image"][[1, 0, 2, 3]]
+    both = domain_metrics({**emb, "image_only": other}, cfg.evaluate)
+    alone = domain_metrics({**emb, "image": other}, cfg.evaluate)
+    assert [r["mR"] for r in both] == [r["mR"] for r in domain_metrics(emb, cfg.evaluate)]
+    assert [r["image_only"]["mR"] for r in both] == [r["mR"] for r in alone]
+    assert both[0]["image_only"]["mR"] != both[0]["mR"]
+    records = [{"model": "source", "trained_on": "A", "adapted_to": None, **r} for r in both]
+    md = to_markdown(records)
+    assert "### mR, image only (without segments)" in md
+    assert f"| source (A) | {alone[0]['mR']:.2f} | {alone[1]['mR']:.2f} |" in md.split("image only")[1]
+
+
+def test_embed_rows_gives_a_fusing_model_its_image_only_embedding(bench):
+    import torch
+
+    from urbancross.data.ingest import read_split
+    from urbancross.model.embed import embed_rows, numpy_batches
+    from urbancross.model.factory import create_model
+    from urbancross.model.inputs import ModelInputs
+
+    cfg, _ = bench
+    cfg = cfg.override({"model.use_segments": True})
+    table = read_split(cfg, "test")
+    torch.manual_seed(0)
+    model = create_model(cfg.model).eval()
+    inputs = ModelInputs(cfg, train=False, keep_ids=True)
+    rows = next(numpy_batches(table.slice(0, 2), 2))
+    out = embed_rows(model, inputs, rows, cfg)
+    with torch.no_grad():
+        own = model.encode_image(torch.as_tensor(inputs(rows)["images"])).numpy()
+    np.testing.assert_allclose(out["image_only"], own, atol=1e-6)
+    assert not np.allclose(out["image"], out["image_only"])  # the fusion's gate is not zero
+    plain = cfg.override({"model.use_segments": False})
+    assert "image_only" not in embed_rows(create_model(plain.model).eval(), ModelInputs(plain, False, True), rows, plain)
+
+
 RECORDS = [
     {"model": "source", "trained_on": "Finland", "adapted_to": None, "tested_on": "Finland", "mR": 60.0, "smr": {"mR": 62.5}},
     {"model": "source", "trained_on": "Finland", "adapted_to": None, "tested_on": "Spain", "mR": 40.0, "smr": {"mR": 41.0}},

@@ -17,7 +17,7 @@ from PIL import Image
 
 from urbancross.cli import main
 from urbancross.config import DataConfig, config_from_dict
-from urbancross.data.importers import DatasetError, import_dataset, scene_label, seeded_test_set
+from urbancross.data.importers import DatasetError, import_dataset, scene_label, seeded_splits
 from urbancross.data.ingest import read_split
 from urbancross.data.manifest import ManifestError, decode_image, read_manifest
 
@@ -284,7 +284,7 @@ def test_urbancross_release_layout(tmp_path):
     root = urbancross_root(tmp_path)
     report = import_dataset("urbancross", str(root), str(tmp_path / "m"))
     assert report["per_domain"] == {"Finland": {"images": 5, "captions": 6}, "Spain": {"images": 2, "captions": 2}}
-    # seeded 80/20 split: round(0.2 * 5) = 1 test image (c.jpg for seed 0), round(0.4) = 0 for Spain
+    # seeded 70/10/20 split: round(0.2 * 5) = 1 test image (c.jpg for seed 0), round(0.5) = 0 val; 0 and 0 for Spain
     assert report["per_split_domain"]["test/Finland"] == {"images": 1, "captions": 1}
     assert report["per_split_domain"]["train/Spain"] == {"images": 2, "captions": 2}
     rows = by_id(tmp_path / "m")
@@ -306,10 +306,13 @@ def test_urbancross_release_layout(tmp_path):
 
 
 def test_seeded_split_is_disjoint_and_order_free():
-    names = [f"{i}.jpg" for i in range(10)]
-    test = seeded_test_set(names, 0.2, 0)
-    assert len(test) == 2 and test == seeded_test_set(list(reversed(names)), 0.2, 0)
-    assert test != seeded_test_set(names, 0.2, 1)
+    names = [f"{i}.jpg" for i in range(20)]
+    split_of = seeded_splits(names, DataConfig())  # 70/10/20 by default
+    by = {s: {n for n, v in split_of.items() if v == s} for s in ("train", "val", "test")}
+    assert [len(by[s]) for s in ("train", "val", "test")] == [14, 2, 4] and set(split_of) == set(names)
+    assert split_of == seeded_splits(list(reversed(names)), DataConfig())
+    other = seeded_splits(names, DataConfig(split_seed=1))
+    assert other != split_of and sorted(other.values()) == sorted(split_of.values())
 
 
 def test_urbancross_optional_columns_and_domain_selects_country(tmp_path):
@@ -378,9 +381,10 @@ def test_cli_import_end_to_end(tmp_path, capsys):
     argv = ["data", "import", "--format", "precomp", "--root", str(root), "--out", str(out), "--domain", "RS"]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["per_split_domain"] == {
+    assert report["per_split_domain"] == {  # no val split: round(0.1 * 6) = 1 train image carved out
         "test/RS": {"images": 3, "captions": 15},
-        "train/RS": {"images": 3, "captions": 15},
+        "train/RS": {"images": 2, "captions": 10},
+        "val/RS": {"images": 1, "captions": 5},
     }
     assert report["out"] == str(out.resolve()) and report["skipped"] == []
     assert ds.dataset(str(out), format="parquet").count_rows() == 6
@@ -423,7 +427,11 @@ def test_rsitmd_layout_with_blank_caption_lines_imports_without_skip_bad(tmp_pat
     )
     report = import_dataset("precomp", str(root), str(tmp_path / "m"))
     assert report["images"] == 6 and report["num_skipped"] == 0
-    assert report["per_split"] == {"test": {"images": 2, "captions": 10}, "train": {"images": 4, "captions": 15}}
+    assert report["per_split"] == {  # no val split: one captioned train image carved out as val
+        "test": {"images": 2, "captions": 10},
+        "train": {"images": 3, "captions": 10},
+        "val": {"images": 1, "captions": 5},
+    }
     a = report["anomalies"]
     assert {k: v["count"] for k, v in a.items()} == {
         "blank_caption": 5,
@@ -446,12 +454,10 @@ def test_rsitmd_layout_with_blank_caption_lines_imports_without_skip_bad(tmp_pat
     ):
         import_dataset("precomp", str(root), str(tmp_path / "m2"), strict=True)
     # the captionless image stays in the manifest, but training and evaluation never see it
-    train = read_split(config_from_dict({"data": {"manifest": str(tmp_path / "m")}}), "train")
-    assert sorted(train.column("image_id").to_pylist()) == [
-        "rsitmd/baseballfield_452.tif",
-        "rsitmd/boat_459.tif",
-        "rsitmd/storagetanks_4740.tif",
-    ]
+    cfg = config_from_dict({"data": {"manifest": str(tmp_path / "m")}})
+    train, val = (read_split(cfg, split).column("image_id").to_pylist() for split in ("train", "val"))
+    assert sorted(train) == ["rsitmd/boat_459.tif", "rsitmd/storagetanks_4740.tif"]
+    assert val == ["rsitmd/baseballfield_452.tif"]
 
 
 def test_ucm_layout_crlf_numeric_names_and_named_images_folder(tmp_path):

@@ -1,6 +1,6 @@
 """The package's shape: imports run one way down the pipeline, and the README's map names every module.
 
-Layers, bottom to top: config (+ tracking, atomic) < data < preprocess / model (+ embedded)
+Layers, bottom to top: config (+ tracking, atomic, storage) < data < preprocess / model (+ embedded)
 / loss < train < tune / evaluate < registry < cli / demo. `loss.py` is pure functions of
 tensors (it imports only config), so a model may mine its negatives with them. An import (module-level or inside a
 function) may point down or sideways, never up. `evaluate/metrics.py` and `evaluate/smr.py`
@@ -21,6 +21,7 @@ LAYERS = {  # module prefix -> level; the longest matching prefix wins
     "urbancross.config": 0,
     "urbancross.tracking": 0,
     "urbancross.atomic": 0,
+    "urbancross.storage": 0,
     "urbancross.data": 1,
     "urbancross.preprocess": 2,
     "urbancross.model": 2,

@@ -109,9 +109,28 @@ def test_retrieval_loss_combines_weighted_parts():
     assert parts["image_text"].item() == pytest.approx(vse_hinge(out["image"] @ out["text"].T, 0.2).item())
     assert set(parts) == {"image_text", "segment_text"}
 
-    total, parts = retrieval_loss(_out(seg=False), LossConfig(kind="triplet", intra_class_weight=0.1))
+    labels = torch.tensor([0, 1, 0])
+    total, parts = retrieval_loss(_out(seg=False), LossConfig(kind="triplet", intra_class_weight=0.1), labels=labels)
     assert set(parts) == {"image_text", "intra_class"}
     assert total.item() == pytest.approx((parts["image_text"] + 0.1 * parts["intra_class"]).item())
+
+
+def test_intra_class_term_uses_scene_labels_and_is_off_without_them():
+    """CMPAGL's intra-class term pulls same-class pairs together: it needs classes. Without any
+    (labels None or all -1) it is off, not a second copy of the matched-pair term."""
+    out, cfg = _out(seg=False), LossConfig(kind="triplet", intra_class_weight=0.1)
+    image, text = out["fused"], out["text"]
+    assert set(retrieval_loss(out, cfg)[1]) == {"image_text"}
+    assert set(retrieval_loss(out, cfg, labels=torch.tensor([-1, -1, -1]))[1]) == {"image_text"}
+    dist = 1 - image @ text.T
+    parts = retrieval_loss(out, cfg, labels=torch.tensor([0, 1, 0]))[1]
+    want = torch.stack([(dist[0, 0] + dist[0, 2]) / 2, dist[1, 1], (dist[2, 0] + dist[2, 2]) / 2]).mean()
+    assert parts["intra_class"].item() == pytest.approx(want.item())
+    # a sample without a class (-1) is left out, and is nobody's classmate
+    parts = retrieval_loss(out, cfg, labels=torch.tensor([0, -1, 0]))[1]
+    assert parts["intra_class"].item() == pytest.approx(((dist[0, 0] + dist[0, 2]) / 2 + (dist[2, 0] + dist[2, 2]) / 2).item() / 2)
+    sim = image @ text.T
+    assert triplet_hardest(sim, 0.2, labels=torch.tensor([-1, -1, -1])).item() == pytest.approx(triplet_hardest(sim, 0.2).item())
 
 
 def test_weights_scale_per_sample_terms():

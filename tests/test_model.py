@@ -1,6 +1,8 @@
 """UrbanCross model on the `tiny` preset: forward/backward on CPU, gradients, save/load, errors."""
 
 import dataclasses
+import hashlib
+import logging
 
 import numpy as np
 import open_clip
@@ -10,7 +12,7 @@ from PIL import Image
 
 from urbancross.config import LossConfig, ModelConfig
 from urbancross.loss import retrieval_loss
-from urbancross.model import CheckpointError, create_model, get_tokenizer, image_size, image_transform, save_model
+from urbancross.model import CheckpointError, announce_weights, create_model, get_tokenizer, image_size, image_transform, save_model
 from urbancross.model.factory import TINY_NAME, open_clip_name
 from urbancross.model.global_local import GlobalLocalBlock, _partition, _unpartition
 
@@ -106,6 +108,34 @@ def test_plain_open_clip_checkpoint_loads_through_open_clip(tmp_path):
         torch.testing.assert_close(oc.state_dict()[name], clip.state_dict()[name])
 
 
+def test_a_local_checkpoint_is_announced_once_with_what_was_loaded(tmp_path, caplog):
+    """open_clip's "initialized randomly" warning is not shown when a checkpoint is loaded next;
+    the run logs instead, once, the file's sha256 prefix, the parameters loaded and what was
+    skipped (a key open_clip drops) or left at its initialisation (the fusion head)."""
+    cfg = ModelConfig()
+    clip = open_clip.create_model(open_clip_name(cfg))
+    state = {**clip.state_dict(), "text.transformer.embeddings.position_ids": torch.arange(64)}
+    path = tmp_path / "RemoteCLIP-tiny.pt"
+    torch.save(state, path)
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="urbancross")  # ours at INFO, libraries' (root) at WARNING
+    create_model(cfg, pretrained=str(path))  # a worker's load: nothing at INFO or above
+    assert [r.getMessage() for r in caplog.records] == []
+    report = announce_weights(cfg, str(path))
+    [record] = caplog.records
+    assert record.levelno == logging.INFO and record.name == "urbancross.model.factory"
+    message = record.getMessage()
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    params = sum(v.numel() for v in clip.state_dict().values())
+    assert f"loaded {path} (sha256 {sha}, {len(clip.state_dict())} tensors, {params:,} parameters" in message
+    assert "skipped: text.transformer.embeddings.position_ids;" in message
+    assert report["skipped"] == ["text.transformer.embeddings.position_ids"]
+    assert report["random_init"] == sorted(k for k in create_model(cfg).state_dict() if not k.startswith("clip."))
+    assert "initialised randomly: fusion." in message
+    assert "initialized randomly" in caplog.text  # no checkpoint: open_clip's warning is true, and kept
+    assert logging.getLogger().filters == []
+
+
 def test_mismatched_checkpoints_fail_clearly(tmp_path):
     cfg = ModelConfig()
     path = tmp_path / "model.pt"
@@ -126,3 +156,43 @@ def test_no_download_path():
         create_model(ModelConfig(), pretrained="openai")
     with pytest.raises(ValueError, match="model.preset"):
         open_clip_name(ModelConfig(preset="hf-hub:someone/model"))
+
+
+def _png(seed: int, size: int = 32) -> bytes:
+    from urbancross.data.manifest import encode_png
+
+    rgb = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return encode_png(Image.fromarray(rgb))
+
+
+def test_segment_mask_follows_num_real_segments():
+    """Grid fills that pad a row up to 10 segments are not segments: the mask covers only the
+    `num_real_segments` real ones, so the fused embedding is the one of the real segments alone."""
+    from urbancross.config import Config
+    from urbancross.data.ingest import label_id
+    from urbancross.model.embed import embed_images
+    from urbancross.model.inputs import ModelInputs
+
+    cfg = Config().override({"data.num_segments": 4})
+    inputs = ModelInputs(cfg, train=False)
+
+    def row(segments, real):
+        return {"image_id": "Finland/a.png", "domain": "Finland", "image": _png(0), "captions": ["a road"],
+                "segments": [_png(10 + i) for i in range(segments)], "num_real_segments": real}
+
+    def run(rows):
+        batch = {k: np.array([r[k] for r in rows] + [None], dtype=object)[:-1] for k in rows[0]}
+        return inputs(batch)
+
+    padded, alone, legacy = run([row(4, 2)]), run([row(2, 2)]), run([{**row(4, 2), "num_real_segments": None}])
+    assert padded["segment_mask"].tolist() == [[True, True, False, False]]
+    assert padded["label"].tolist() == [-1] and run([{**row(2, 2), "label": "forest"}])["label"].tolist() == [label_id("forest")]
+    assert legacy["segment_mask"].tolist() == [[True, True, True, True]]  # no count: every stored segment is real
+    np.testing.assert_array_equal(padded["segments"], alone["segments"])
+    model = create_model(ModelConfig()).eval()
+    with torch.no_grad():
+        emb = [embed_images(model, *(torch.as_tensor(x[k]) for k in ("images", "segments", "segment_mask"))) for x in (padded, alone)]
+        fused = model(torch.as_tensor(padded["images"]), torch.as_tensor(padded["tokens"][:, 0]),
+                      torch.as_tensor(padded["segments"]), torch.as_tensor(padded["segment_mask"]))
+    torch.testing.assert_close(emb[0], emb[1])
+    assert fused["segment_mask"].sum().item() == 2

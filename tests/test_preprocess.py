@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from tiny_lmm import save_tiny_instructblip  # tests/ helper
@@ -39,6 +40,7 @@ from urbancross.preprocess.sam import (
     grid_masks,
     largest,
     load_sam,
+    mask_quality,
     paint_segment,
     select_segments,
 )
@@ -83,27 +85,36 @@ def test_paint_segment_white_and_crop():
     assert crop.shape == (2, 2, 3) and (crop == img[1:3, 2:4]).all()
 
 
-def test_select_segments_keeps_largest_then_best_scored_then_fills():
+def _record(m, iou=0.9, stability=0.9):
+    return {"segmentation": m, "predicted_iou": iou, "stability_score": stability}
+
+
+def test_select_segments_keeps_largest_then_best_then_fills():
     img = np.full((8, 8, 3), 50, dtype=np.uint8)
     masks = []
-    for area_rows in (1, 4, 2, 3):  # areas 8, 32, 16, 24
+    for area_rows, iou in ((1, 0.9), (4, 0.5), (2, 0.8), (3, 0.5)):  # areas 8, 32, 16, 24
         m = np.zeros((8, 8), dtype=bool)
         m[:area_rows] = True
-        masks.append(m)
+        masks.append(_record(m, iou))
     scored = []
 
-    def score(segments, captions):
-        scored.append((len(segments), captions))
+    def score(segments):
+        scored.append(len(segments))
         return np.array([0.1, 0.9, 0.5])  # for masks by area: 32, 24, 16
 
+    def white_rows(segs):
+        return [int((np.asarray(s)[:, 0, 0] == 50).sum()) for s in segs]
+
     cfg = SamConfig(keep_largest=3, num_segments=2, style="white", segment_size=8)
-    segs, real = select_segments(img, masks, ["cap"], score, cfg)
-    assert scored == [(3, ["cap"])] and real == 2
-    white_rows = [int((np.asarray(s)[:, 0, 0] == 50).sum()) for s in segs]
-    assert white_rows == [3, 2]  # the 24-px mask (score .9) then the 16-px mask (score .5)
+    segs, real = select_segments(img, masks, cfg, score)
+    assert scored == [3] and real == 2
+    assert white_rows(segs) == [3, 2]  # caption-guided: the 24-px mask (score .9) then the 16-px mask (score .5)
+    segs, real = select_segments(img, masks, cfg)
+    assert real == 2 and white_rows(segs) == [2, 4]  # SAM quality: the 16-px mask (iou .8), then the 32-px (.5, larger than 24)
+    assert mask_quality(_record(None, 0.5, 0.8)) == pytest.approx(0.4) and mask_quality({}) == 1.0
 
     cfg = SamConfig(keep_largest=10, num_segments=10, style="crop", segment_size=8)
-    segs, real = select_segments(img, masks[:1] + [np.zeros((8, 8), bool)], ["cap"], score, cfg)
+    segs, real = select_segments(img, masks[:1] + [_record(np.zeros((8, 8), bool))], cfg, score)
     assert real == 1 and len(segs) == 10  # empty masks are dropped; no scoring when <= num_segments
     assert len(scored) == 1
 
@@ -218,6 +229,43 @@ def test_tiny_sam_checkpoint_loads_through_builder_and_segments(bench, tmp_path)
         assert decode_image(o["segments"][-1]).size == (64, 64)
 
 
+def test_test_image_segments_and_embedding_do_not_depend_on_its_captions(bench, tmp_path):
+    """A gallery must not see its queries: the same test image with other captions gets
+    byte-identical segments and the identical embedding; caption-guided ranking (an option)
+    applies to training rows only."""
+    import torch
+
+    from urbancross.model.embed import embed_images, numpy_batches
+    from urbancross.model.factory import create_model
+    from urbancross.model.inputs import ModelInputs
+
+    table, _ = bench
+    ckpt = ensure_tiny_sam(tmp_path / "sam.pth")
+    rng = np.random.default_rng(0)
+    fake = [_record(rng.random((64, 64)) < rng.uniform(0.1, 0.9), *rng.uniform(0.5, 1.0, 2)) for _ in range(15)]
+    row = {**table.slice(0, 1).to_pylist()[0], "split": "test"}
+    other = {**row, "captions": ["a lake beside a long red runway", "ten boats in a harbour"]}
+    image = decode_image(row["image"])
+    for extra in ([], ["preprocess.sam.selection=caption"]):
+        cfg = load_config(None, [f"out_dir={tmp_path}", f"preprocess.sam.checkpoint={ckpt}", "model.use_segments=true", *extra])
+        seg = Segmenter(cfg)
+        seg.generator.generate = lambda arr: fake  # more masks than segments: the ranking decides
+        a, b = (seg.process([image], [r])[0] for r in (row, other))
+        assert a["num_real_segments"] == 10 and a["segments"] == b["segments"]
+        model = create_model(cfg.model).eval()
+        inputs = ModelInputs(cfg, train=False)
+        emb = []
+        for r, out in ((row, a), (other, b)):
+            x = inputs(next(numpy_batches(to_table([{**r, **out}]), 1)))
+            with torch.no_grad():
+                emb.append(embed_images(model, *(torch.as_tensor(x[k]) for k in ("images", "segments", "segment_mask"))))
+        assert torch.equal(emb[0], emb[1])
+    train_row = {**row, "split": "train"}
+    assert seg.scorer(train_row) is not None and seg.scorer(row) is None
+    seg.score = lambda candidates, captions: np.arange(len(candidates)) * (1.0 if "lake" in captions[0] else -1.0)
+    assert seg.process([image], [train_row])[0]["segments"] != seg.process([image], [{**other, "split": "train"}])[0]["segments"]
+
+
 def test_tiny_instructblip_loads_and_garbage_keeps_original_captions(bench, tiny_lmm):
     table, _ = bench
     cfg = load_config(None, ["preprocess.refine.kind=lmm", f"preprocess.refine.model_dir={tiny_lmm}",
@@ -230,6 +278,19 @@ def test_tiny_instructblip_loads_and_garbage_keeps_original_captions(bench, tiny
     assert len(generated) == 2 and all(check_caption(g, cfg.preprocess.refine) is not None for g in generated)
     out = refiner.process(images, rows)
     assert [o["refined_captions"] for o in out] == [r["captions"] for r in rows]
+
+
+def test_lmm_precision_bf16_loads_and_generates_in_bf16(bench, tiny_lmm):
+    """`refine.precision` (auto: bf16 on a GPU) halves a real LMM's memory; forced here on CPU."""
+    table, _ = bench
+    cfg = load_config(None, ["preprocess.refine.kind=lmm", f"preprocess.refine.model_dir={tiny_lmm}",
+                             "preprocess.refine.max_new_tokens=6", "preprocess.refine.precision=bf16"])
+    refiner = Refiner(cfg)
+    assert next(refiner.model.parameters()).dtype == torch.bfloat16
+    rows = table.slice(0, 2).to_pylist()
+    generated = refiner.generate([decode_image(r["image"]) for r in rows], ["describe the image"] * 2)
+    assert len(generated) == 2 and all(isinstance(g, str) for g in generated)
+    assert next(Refiner(cfg.override({"preprocess.refine.precision": "auto"})).model.parameters()).dtype == torch.float32  # CPU
 
 
 def test_rerun_with_everything_done_skips_without_ray(bench, tmp_path, capsys):

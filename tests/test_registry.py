@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -23,12 +21,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from payload import plant  # tests/ helper
+from servers import free_port
+from servers import mlflow_server as start_mlflow_server
 from urbancross.cli import main
 from urbancross.config import config_from_dict
 from urbancross.model.pyfunc import load_urbancross, log_model
 from urbancross.registry.promote import decide, promote
 from urbancross.registry.search import build_index, read_index, search, top_k
-from urbancross.tracking import RegistryError, check_tracking_server, mlflow_run
+from urbancross.tracking import RegistryError, mlflow_run
 
 # --------------------------------------------------------------------------- decide (pure)
 
@@ -54,6 +55,16 @@ def test_decide_refuses_a_domain_drop_even_with_a_higher_mean():
 def test_decide_refuses_missing_domains_and_empty_scores():
     assert decide({"A": 99.0}, {"A": 50.0, "B": 60.0}, 0.0, 100.0) == (False, "candidate was not evaluated on B")
     assert decide({}, None, 0.0, 0.0)[0] is False
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_decide_refuses_non_finite_scores(bad):
+    champ = {"A": 50.0, "B": 60.0}
+    ok, reason = decide({"A": bad, "B": 70.0}, champ, margin=0.5, max_domain_drop=2.0)
+    assert not ok and reason == f"candidate mR on A is {bad}: not a finite score"
+    assert decide({"A": bad}, None, 0.0, 0.0)[0] is False  # not even as the first version
+    ok, reason = decide({"A": 55.0, "B": 65.0}, {"A": 50.0, "B": bad}, margin=0.5, max_domain_drop=2.0)
+    assert not ok and reason == f"champion mR on B is {bad}: not a finite score"
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -101,7 +112,8 @@ def fit_projections(model, cfg, table, steps: int = 200) -> None:
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    """A 3-domain manifest (6 test images each) and two weight files: `random` and `trained`."""
+    """A 3-domain manifest (3 val and 6 test images each) and two weight files: `random` and
+    `trained` (fitted to val, where promotion compares and the search test queries)."""
     from urbancross.data.ingest import read_split
     from urbancross.data.synth import synthesize
     from urbancross.model.factory import create_model, save_model
@@ -109,7 +121,7 @@ def bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("registry")
     raw = {
         "out_dir": str(root / "run"),
-        "synth": {"images_per_domain": 12, "test_fraction": 0.5},
+        "synth": {"images_per_domain": 12, "test_fraction": 0.5, "val_fraction": 0.25},
         "data": {"manifest": str(root / "manifest")},
         "promote": {"margin": 0.5, "max_domain_drop": 2.0},
     }
@@ -119,46 +131,16 @@ def bench(tmp_path_factory):
     model = create_model(cfg.model)
     weights = {"random": str(root / "random.pt"), "trained": str(root / "trained.pt")}
     save_model(model, weights["random"])
-    fit_projections(model, cfg, read_split(cfg, "test"))
+    fit_projections(model, cfg, read_split(cfg, "val"))
     save_model(model, weights["trained"])
     return raw, weights
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on a free local port (SQLite backend, proxied artifacts)."""
-    root = tmp_path_factory.mktemp("server")
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    exe = str(Path(sys.executable).with_name("mlflow"))
-    cmd = [exe, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")]
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                check_tracking_server(uri, timeout=1.0)
-                break
-            except RegistryError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.5)
+    with start_mlflow_server(tmp_path_factory.mktemp("server")) as uri:
         yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its workers only
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def make_cfg(raw: dict, tmp_path: Path, tracking_uri: str = "", **sections):
@@ -181,10 +163,10 @@ def encode_text(weights: str, cfg, texts: list[str]) -> np.ndarray:
         return model.encode_text(get_tokenizer(cfg.model)(texts)).numpy()
 
 
-def first_test_caption(cfg) -> tuple[str, str]:
+def first_val_caption(cfg) -> tuple[str, str]:
     from urbancross.data.ingest import read_split
 
-    row = read_split(cfg, "test").slice(0, 1).to_pylist()[0]
+    row = read_split(cfg, "val").slice(0, 1).to_pylist()[0]
     return row["image_id"], row["captions"][0]
 
 
@@ -216,6 +198,38 @@ def test_pyfunc_maps_text_and_images_to_the_models_embeddings(bench, tmp_path, m
         pm.predict(pd.DataFrame({"text": ["a"], "image": [b"x"]}))
 
 
+def test_promote_index_and_search_never_unpickle_a_logged_model(bench, tmp_path, monkeypatch):
+    """A planted python_model.pkl runs code only through the serving pyfunc, not our commands;
+    planted weights are refused."""
+    from urbancross.model.factory import CheckpointError
+    from urbancross.registry.promote import evaluate_model_uri
+
+    raw, weights = bench
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg(raw, tmp_path)
+    with mlflow_run(cfg, "train"):
+        uri = log_model(weights["trained"], cfg)
+    (pkl,) = (tmp_path / "run").rglob("python_model.pkl")
+    marker = tmp_path / "pwned"
+    plant(pkl, marker, torch_format=False)  # cloudpickle's file: a bare pickle
+
+    assert set(evaluate_model_uri(cfg, uri)) == {"Finland", "Germany", "Spain"}  # promote's evaluation
+    index = str(tmp_path / "index.parquet")
+    assert build_index(uri, cfg.data.manifest, index, cfg, split="val", use_ray=False)["images"] == 9
+    image_id, caption = first_val_caption(cfg)
+    assert search(uri, index, caption, top=1)[0]["image_id"] == image_id
+    assert not marker.exists()
+
+    (weights_file,) = pkl.parent.glob("artifacts/*.pt")
+    plant(weights_file, marker, lambda p: {"state_dict": p})
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_urbancross(uri)
+    assert not marker.exists()
+    with pytest.raises(AttributeError):  # the serving path does unpickle: the plant is live
+        mlflow.pyfunc.load_model(uri)
+    assert marker.read_text() == "pwned"
+
+
 # --------------------------------------------------------------------------- promotion
 
 
@@ -245,13 +259,13 @@ def test_promote_end_to_end_on_a_tracking_server(bench, mlflow_server, tmp_path,
     assert json.loads(tags["promote.champion_mR"]) == second["candidate_mR"]
     assert tags["promote.reason"] == third["reason"] and tags["promote.time"].startswith("20")
 
-    # the champion serves search: index the test split, then query with one of its captions
+    # the champion serves search: index the val split, then query with one of its captions
     index = str(tmp_path / "index.parquet")
-    summary = build_index("models:/city@champion", cfg.data.manifest, index, cfg, split="test", use_ray=False)
-    assert summary["images"] == 18
+    summary = build_index("models:/city@champion", cfg.data.manifest, index, cfg, split="val", use_ray=False)
+    assert summary["images"] == 9
     ids, domains, vectors, built_with = read_index(index)
-    assert built_with == "models:/city@champion" and vectors.shape == (18, 128)
-    image_id, caption = first_test_caption(cfg)
+    assert built_with == "models:/city@champion" and vectors.shape == (9, 128)
+    image_id, caption = first_val_caption(cfg)
     hits = search("models:/city@champion", index, caption, top=3)
     order, scores = top_k(vectors, encode_text(weights["trained"], cfg, [caption])[0], 3)
     assert [h["image_id"] for h in hits] == [ids[i] for i in order]
@@ -308,12 +322,55 @@ def test_promote_on_the_local_store_with_given_scores(bench, tmp_path, monkeypat
     refused = promote(cfg, run_id, evaluate=given)
     assert refused["decision"] == "challenger" and refused["reason"] == "mR on B drops by 5.00 > max_domain_drop 2"
     assert promote(cfg, run_id, evaluate=given)["decision"] == "champion"  # gain +0.60 >= 0.5
-    assert seen == [f"runs:/{run_id}/model"] + [f"runs:/{run_id}/model", "models:/urbancross@champion"] * 2
+    assert seen == [f"runs:/{run_id}/model", f"runs:/{run_id}/model", "models:/urbancross/1", f"runs:/{run_id}/model", "models:/urbancross/1"]
     client = mlflow.MlflowClient(cfg.tracking_uri())
     assert int(client.get_model_version_by_alias("urbancross", "champion").version) == 3
     assert int(client.get_model_version_by_alias("urbancross", "challenger").version) == 2
     pm = mlflow.pyfunc.load_model("models:/urbancross@champion")
     assert pm.predict(pd.DataFrame({"text": ["a lake"]})).shape == (1, 128)
+
+
+def test_concurrent_promotions_only_one_moves_the_champion(bench, tmp_path, monkeypatch):
+    """Two better candidates evaluated against the same champion: the first alias move wins,
+    the second sees the champion moved since it evaluated and stays challenger."""
+    raw, weights = bench
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg(raw, tmp_path)
+    run_id = log_run(cfg, weights["random"])
+    assert promote(cfg, run_id, evaluate=lambda cfg, uri: {"A": 50.0})["version"] == 1
+    both_evaluated = threading.Barrier(2, timeout=120)
+
+    def better(cfg, uri):
+        if uri.startswith("models:/"):
+            both_evaluated.wait()  # both read champion v1 before either moves it
+            return {"A": 50.0}
+        return {"A": 60.0}
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: promote(cfg, run_id, evaluate=better), range(2)))
+    assert sorted(r["decision"] for r in results) == ["challenger", "champion"]
+    winner, loser = sorted(results, key=lambda r: r["decision"] != "champion")
+    assert loser["reason"] == f"champion moved from v1 to v{winner['version']} during evaluation: promote again to compare with it"
+    assert winner["champion_version"] == loser["champion_version"] == 1
+    client = mlflow.MlflowClient(cfg.tracking_uri())
+    assert int(client.get_model_version_by_alias("urbancross", "champion").version) == winner["version"]
+    assert client.get_model_version("urbancross", str(loser["version"])).tags["promote.decision"] == "challenger"
+    assert [m.name for m in client.search_registered_models()] == ["urbancross"]  # the lock is gone
+
+
+def test_alias_lock_waits_then_names_the_lock(bench, tmp_path, monkeypatch):
+    from urbancross.registry.promote import alias_lock
+
+    raw, _ = bench
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg(raw, tmp_path)
+    client = mlflow.MlflowClient(cfg.tracking_uri())
+    with alias_lock(client, "m"):
+        with pytest.raises(RegistryError, match=r"m\.promote-lock held for over 0.3s"):
+            with alias_lock(client, "m", wait=0.3):
+                pass
+    with alias_lock(client, "m", wait=0.3):  # released
+        pass
 
 
 @pytest.mark.ray

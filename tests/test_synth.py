@@ -261,7 +261,9 @@ def test_splits_disjoint_stratified_and_sized(tmp_path):
     per = Counter((r["domain"], r["split"]) for r in rows)
     for d in ("Finland", "Germany", "Spain"):
         assert (per[d, "train"], per[d, "val"], per[d, "test"]) == (7, 1, 2)
-    no_val = S.synthesize(small_cfg(images_per_domain=6), str(tmp_path / "n"))
+    default = S.synthesize(small_cfg(images_per_domain=10), str(tmp_path / "d"))  # the reference's 70/10/20
+    assert Counter(default.column("split").to_pylist()) == {"train": 21, "val": 3, "test": 6}
+    no_val = S.synthesize(small_cfg(images_per_domain=6, test_fraction=0.25, val_fraction=0.0), str(tmp_path / "n"))
     assert Counter(no_val.column("split").to_pylist()) == {"train": 12, "test": 6}
 
 
@@ -304,7 +306,11 @@ def test_cli_prints_summary(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["images"] == 18 and summary["captions"] == 90
     assert summary["per_domain"]["Spain"] == {"images": 6, "captions": 30}
-    assert summary["per_split"] == {"test": {"images": 6, "captions": 30}, "train": {"images": 12, "captions": 60}}
+    assert summary["per_split"] == {  # per domain of 6: round(1.2) test, round(0.6) val
+        "test": {"images": 3, "captions": 15},
+        "train": {"images": 12, "captions": 60},
+        "val": {"images": 3, "captions": 15},
+    }
     assert ds.dataset(str(out), format="parquet").count_rows() == 18
 
 
@@ -324,8 +330,9 @@ def rows_digest(cfg: SynthConfig) -> str:
 
 def test_label_left_every_tile_and_caption_byte_identical():
     # digests taken on the code before `label` was added (commit dddbbf6)
-    assert rows_digest(small_cfg()) == "53dc72efd4e463a275918c8a57f470b6128c01249ef77c4c007f954bf28b5e23"
-    cfg = small_cfg(images_per_domain=12, seed=3, image_size=48)
+    then = {"test_fraction": 0.25, "val_fraction": 0.0}  # the split defaults of then
+    assert rows_digest(small_cfg(**then)) == "53dc72efd4e463a275918c8a57f470b6128c01249ef77c4c007f954bf28b5e23"
+    cfg = small_cfg(images_per_domain=12, seed=3, image_size=48, **then)
     assert rows_digest(cfg) == "760a00d831843702dfca44d68b5df7dc764b090ae365f65ea58ed13719d83102"
 
 

@@ -16,7 +16,7 @@ from urbancross.train.adversarial import AdaptObjective
 from urbancross.train.deepspeed_config import deepspeed_config
 
 # Finland: 12 images -> 9 train (test_fraction 0.25), 1 held out for validation -> 8 train
-SYNTH = SynthConfig(domains=["Finland", "Spain"], images_per_domain=12, seed=0)
+SYNTH = SynthConfig(domains=["Finland", "Spain"], images_per_domain=12, seed=0, test_fraction=0.25, val_fraction=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +82,10 @@ def tiny_model():
 def _objective_grads(tiny_model, phase: str, weight: float, **adapt):
     model = copy.deepcopy(tiny_model)
     torch.manual_seed(0)
-    obj = AdaptObjective(model, LossConfig(), AdaptConfig(select_fraction=0.5, **adapt))
+    obj = AdaptObjective(model, LossConfig(), AdaptConfig(**{"select_fraction": 0.5, "disc_inputs": "image_text", **adapt}))
     g = torch.Generator().manual_seed(1)
     batch = lambda: {"images": torch.randn(4, 3, 64, 64, generator=g), "tokens": torch.randint(1, 400, (4, 64), generator=g)}  # noqa: E731
-    loss, logs = obj(batch(), batch(), weight, (0.0, 0.5), phase)
+    loss, logs = obj(batch(), batch(), weight, 0.5, phase)
     loss.backward()
     enc = model.clip.visual.proj.grad.clone()
     disc = obj.disc.net[0].weight.grad
@@ -102,7 +102,18 @@ def test_reversal_inside_the_objective(tiny_model):
     assert g_domain.abs().max() > 1e-6
     assert torch.allclose(gw, g0 - 0.5 * g_domain, atol=1e-6, rtol=1e-4)
     assert torch.allclose(d0, dw) and torch.allclose(dm, dw)
-    assert logs["weight_max"].item() == pytest.approx(2.0)  # 2 selected rows: min-max -> [1, 0] -> mean 1
+    assert logs["weight_max"].item() == pytest.approx(4 / 3)  # 2 kept rows: min-max into [0.5, 1] -> mean 1
+
+
+@pytest.mark.parametrize("term", ["domain", "retrieval"])
+def test_weights_scale_the_adversarial_term_not_the_retrieval_loss(tiny_model, term):
+    """The reference weights each kept source row's `log p` (the domain term) and trains the
+    retrieval loss on the kept rows unweighted; `weighted_term=retrieval` is the old variant."""
+    flat = _objective_grads(tiny_model, "grl", 0.5, weight_floor=1.0, weighted_term=term)[2]  # uniform weights
+    ref = _objective_grads(tiny_model, "grl", 0.5, weight_floor=0.0, weighted_term=term)[2]  # reference min-max
+    weighted, unweighted = ("domain", "retrieval") if term == "domain" else ("retrieval", "domain")
+    assert ref[unweighted].item() == pytest.approx(flat[unweighted].item(), abs=1e-7)
+    assert abs(ref[weighted].item() - flat[weighted].item()) > 1e-5
 
 
 def test_alternating_phases_touch_one_side_each(tiny_model):
@@ -129,6 +140,36 @@ def test_discriminator_on_image_embeddings_only(tiny_model):
     assert not torch.allclose(both["text_grad"], ret["text_grad"], atol=1e-6)
 
 
+def test_scene_labels_reach_the_intra_class_term(tiny_model, caplog):
+    """The manifest's `label` travels through ModelInputs (as `label_id`, -1 = none) into the
+    stage-1 objective's loss; unlabelled data turns the intra-class term off and the driver says so once."""
+    import logging
+
+    import pyarrow as pa
+
+    from urbancross.data.ingest import label_id
+    from urbancross.train.objective import RetrievalObjective
+    from urbancross.train.trainer import note_missing_labels
+
+    assert label_id(None) == label_id("") == -1 and label_id("mountain") == label_id("mountain") != label_id("river") >= 0
+    g = torch.Generator().manual_seed(1)
+    batch = {"images": torch.randn(4, 3, 64, 64, generator=g), "tokens": torch.randint(1, 400, (4, 64), generator=g)}
+    obj = RetrievalObjective(copy.deepcopy(tiny_model), LossConfig(kind="triplet", intra_class_weight=0.1))
+    labels = torch.tensor([label_id(x) for x in ("mountain", "river", "mountain", None)])
+    assert set(obj(batch)[1]) == {"image_text"}
+    assert set(obj({**batch, "label": torch.full((4,), -1)})[1]) == {"image_text"}
+    assert set(obj({**batch, "label": labels})[1]) == {"image_text", "intra_class"}
+
+    cfg = load_config(None, ["loss.kind=triplet"])
+    unlabelled = pa.table({"image_id": ["a", "b"], "label": pa.array([None, ""], pa.string())})
+    with caplog.at_level(logging.INFO, logger="urbancross.train.trainer"):
+        assert note_missing_labels(cfg, unlabelled, "train")
+        assert note_missing_labels(cfg, unlabelled.drop(["label"]), "train")
+        assert not note_missing_labels(cfg, pa.table({"label": ["a", None]}), "train")
+        assert not note_missing_labels(load_config(None, ["loss.kind=infonce"]), unlabelled, "train")
+    assert sum("intra-class loss term is off" in r.getMessage() for r in caplog.records) == 2
+
+
 # --------------------------------------------------------------------------- in-process runs (Ray Data + DeepSpeed)
 
 
@@ -140,9 +181,9 @@ def test_train_in_process_curriculum_checkpoint_export_mlflow(trained):
 
     cfg, result = trained
     m = result["metrics"]
-    # 8 images, pacing linear 0.5 -> 0.75: epoch 1 = 4 easiest (1 step), epoch 2 = 6 (steps of 4 + 2)
-    assert (m["epoch"], m["step"], m["samples"]) == (2, 3, 10)
-    assert m["curriculum_fraction"] == pytest.approx(0.75)
+    # 8 images, pacing linear 0.5 -> 1.0 (the ramp's last epoch sees all): epoch 1 = 4 easiest (1 step), epoch 2 = 8 (2 steps)
+    assert (m["epoch"], m["step"], m["samples"]) == (2, 3, 12)
+    assert m["curriculum_fraction"] == 1.0
     assert 0.0 <= m["val_mR"] <= 100.0
     assert os.path.isdir(os.path.join(result["checkpoint_path"], "ds"))
     # in-process: the run keeps its checkpoint in its own out_dir, the last epoch's only
@@ -163,6 +204,30 @@ def test_train_in_process_curriculum_checkpoint_export_mlflow(trained):
     assert run.data.params["train.epochs"] == "2" and "val_mR" in run.data.metrics
 
 
+def _loss_history(cfg, result) -> list[float]:
+    import mlflow
+
+    history = mlflow.MlflowClient(cfg.tracking_uri()).get_metric_history(result["mlflow_run_id"], "loss")
+    return [h.value for h in sorted(history, key=lambda h: h.step)]
+
+
+@pytest.mark.ray
+def test_same_config_same_numbers_in_process(trained, tmp_path):
+    """Seeded end to end (row order, shuffle, augmentation, captions, init): a second run of the
+    same config gives the same per-epoch losses and validation mR, to the bit, on CPU; the
+    rows cached on disk (memory-mapped) instead of in the object store change nothing."""
+    from urbancross.train import run_train
+
+    cfg, first = trained
+    again = cfg.override({"out_dir": str(tmp_path), "train.cache": "disk"})
+    second = run_train(again)
+    assert len(list((tmp_path / "train" / "cache").glob("*/images.npy"))) == 1
+    assert _loss_history(cfg, first) == _loss_history(again, second) and len(_loss_history(cfg, first)) == 2
+    assert first["metrics"]["val_mR"] == second["metrics"]["val_mR"]
+    other = run_train(again.override({"seed": 1, "out_dir": str(tmp_path / "seed1")}))
+    assert _loss_history(cfg, first) != _loss_history(again, other)
+
+
 def test_a_stage_saves_the_config_it_ran_with(trained, tmp_path, monkeypatch):
     """`<out_dir>/train/config.yaml` is the config the stage used (absolute paths, MLflow store
     pinned): a later command takes it as is, from any working directory."""
@@ -179,16 +244,23 @@ def test_a_stage_saves_the_config_it_ran_with(trained, tmp_path, monkeypatch):
 
 
 @pytest.mark.ray
-def test_adapt_in_process_alternating_zero2(trained):
+def test_adapt_in_process_alternating_zero2(trained, caplog):
+    import logging
+
     from urbancross.model.factory import create_model
     from urbancross.train import run_adapt
 
     cfg, stage1 = trained
     cfg = tiny_cfg(cfg.data.manifest, cfg.out_dir, "adapt.mode=alternating", "train.zero_stage=2")
+    caplog.set_level(logging.INFO, logger="urbancross")
     result = run_adapt(cfg)
+    # the stage-1 weights are announced once per run (the loop's own load is quiet), never as "initialized randomly"
+    announced = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model weights: loaded")]
+    assert len(announced) == 1 and announced[0].startswith(f"model weights: loaded {stage1['model_path']} (sha256 ")
+    assert "initialized randomly" not in caplog.text
     m = result["metrics"]
     assert (m["epoch"], m["step"]) == (2, 6)  # 9 source images in batches of 4: 3 steps per pass
-    assert m["window_start"] == pytest.approx(0.5)  # last pass: the least target-like half
+    assert m["kept_share"] == pytest.approx(0.4)  # pass 2 of the reference's pacing: 0.2 + 0.2
     assert m["adv_weight"] > 0 and 0.0 <= m["disc_acc"] <= 1.0
     adapted = create_model(cfg.model, pretrained=result["model_path"])
     source = create_model(cfg.model, pretrained=stage1["model_path"])
@@ -257,6 +329,7 @@ def test_two_workers_zero2_survive_a_killed_worker_then_resume(ray_session, mani
         "train.num_workers=2",
         "train.zero_stage=2",
         "train.max_failures=1",
+        "train.checkpoint_every=1",
         "train.curriculum.difficulty=similarity_margin",  # rescored from embeddings gathered over both ranks
     )
     first = run_train(cfg, on_step=kill_rank1_in_epoch2)
@@ -268,6 +341,22 @@ def test_two_workers_zero2_survive_a_killed_worker_then_resume(ray_session, mani
     assert second["run_name"] == first["run_name"]
     assert second["metrics"]["start_step"] == m["step"] and second["metrics"]["start_epoch"] == 2
     assert second["metrics"]["epoch"] == 3 and second["metrics"]["step"] > m["step"]
+
+
+@pytest.mark.ray
+@pytest.mark.heavy
+def test_two_workers_same_config_same_numbers(ray_session, manifest, tmp_path):
+    """Two real 2-worker TorchTrainer runs of one config: identical per-epoch losses and final mR
+    (row-to-rank dealing, shuffles and augmentation do not depend on Ray's timing)."""
+    from urbancross.train import run_train
+
+    runs = []
+    for name in ("a", "b"):
+        cfg = tiny_cfg(manifest, tmp_path / name, "train.num_workers=2", "train.curriculum.difficulty=similarity_margin")
+        runs.append((cfg, run_train(cfg)))
+    (ca, a), (cb, b) = runs
+    assert _loss_history(ca, a) == _loss_history(cb, b) and len(_loss_history(ca, a)) == 2
+    assert a["metrics"]["val_mR"] == b["metrics"]["val_mR"] and a["metrics"]["samples"] == b["metrics"]["samples"]
 
 
 def test_held_out_slice_is_seeded_and_disjoint(manifest, tmp_path):
@@ -293,3 +382,40 @@ def test_a_test_image_in_training_data_is_refused(manifest, tmp_path):
     check_disjoint(cfg, read_split(cfg, "train", None))
     with pytest.raises(ManifestError, match="1 test image"):
         check_disjoint(cfg, read_split(cfg, "test", "Spain").slice(0, 1))
+
+
+def test_redirected_output_gets_no_progress_bars(monkeypatch):
+    import io
+
+    from urbancross.cli import quiet_when_redirected
+
+    for key in ("RAY_DATA_DISABLE_PROGRESS_BARS", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "TQDM_DISABLE"):
+        monkeypatch.delenv(key, raising=False)
+    tty = io.StringIO()
+    tty.isatty = lambda: True
+    assert not quiet_when_redirected(tty) and "TQDM_DISABLE" not in os.environ
+    assert quiet_when_redirected(io.StringIO())
+    assert os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1" and os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
+
+
+def test_progress_is_a_line_every_few_seconds_with_rate_and_eta(caplog, monkeypatch):
+    import logging
+    import types
+
+    from urbancross.train import loop
+
+    now = [0.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
+    cfg = load_config(None, ["train.progress_seconds=10"])
+    clock = loop.StepClock(types.SimpleNamespace(rank=0, world=2), cfg, "train", 0, 3, rows=160)
+    with caplog.at_level(logging.INFO, logger="urbancross.train.loop"):
+        for _ in range(10):  # 10 steps of 8 rows per rank, 4 s each
+            for phase in ("data", "forward", "backward"):
+                now[0] += 1.0
+                clock.mark(phase)
+            now[0] += 1.0
+            clock.stepped(8)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3  # at most one line per 10 s: after steps 3, 6, 9 (12, 24, 36 s)
+    assert lines[1] == "train epoch 1/3: 96/160 rows, 4.0 rows/s, epoch ETA 16s"
+    assert clock.metrics() == {"steps": 10, "ms_data": 1000.0, "ms_forward": 1000.0, "ms_backward": 1000.0, "ms_step": 1000.0}

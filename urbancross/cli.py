@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -367,6 +368,25 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ManifestError, CheckpointError, RegistryError, FileNotFoundError, PermissionError)
 
 
+def quiet_when_redirected(stream=None) -> bool:
+    """Output not a terminal (a file, a pipe, CI): progress as log lines, no redrawn bars.
+
+    Redrawn bars (Ray Data's, in the driver and in Ray workers; MLflow's artifact downloads;
+    tqdm in libraries) are nearly all of a redirected log otherwise. Set before Ray starts, so
+    its workers inherit it. Returns whether it quieted.
+    """
+    if (stream or sys.stderr).isatty():
+        return False
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    if "ray.data" in sys.modules:  # its defaults were read at import
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Every error is one line on stderr (exit 1; 2 for config errors); `--debug`
     shows the traceback instead."""
@@ -374,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("urbancross").setLevel(logging.INFO)  # our progress; libraries' chatter stays at WARNING
+    quiet_when_redirected()
     try:
         return args.handler(args)
     except KeyboardInterrupt:

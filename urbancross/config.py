@@ -18,13 +18,14 @@ import os
 import reprlib
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
-from urbancross import atomic
+from urbancross import atomic, storage
 
 
 class ConfigError(ValueError):
@@ -69,14 +70,19 @@ class Section:
 
 @dataclass(frozen=True)
 class SynthConfig(Section):
-    """The embedded benchmark (procedural satellite-like tiles with captions)."""
+    """The embedded benchmark (procedural satellite-like tiles with captions).
+
+    Every domain is split train/val/test by the same seeded fractions (the reference's
+    70/10/20): the source trains and validates, the target's train images adapt and its val
+    chooses the adapted model, and test images are only ever reported.
+    """
 
     domains: tuple[str, ...] = ("Finland", "Germany", "Spain")
     images_per_domain: int = num(120, ge=2)
     image_size: int = num(64, ge=32, le=4096)
     captions_per_image: int = num(5, ge=1, le=10)
-    test_fraction: float = num(0.25, ge=0, lt=1)
-    val_fraction: float = num(0.0, ge=0, lt=1)
+    test_fraction: float = num(0.2, ge=0, lt=1)
+    val_fraction: float = num(0.1, ge=0, lt=1)
     near_duplicate_fraction: float = num(0.5, ge=0, le=1)  # chance an image is a one-element variant of the previous one
     seed: int = num(0, ge=0)
 
@@ -112,6 +118,20 @@ class DataConfig(Section):
     # A larger image is a bad row at import, checked from its header before decoding (a 24 KB
     # file can expand to 196 Mpx): preprocess.max_image_side squared, 200 MB decoded as RGB.
     max_image_pixels: int = num(8192 * 8192, ge=1)
+    # Splits made at import, seeded by split_seed over the sorted image names (order-free): a
+    # release without splits (the UrbanCross CSV) is cut into train/val/test by these shares of
+    # each country's images (the reference's 70/10/20; every country, the target too, gets the
+    # same cut: its train images adapt, its val chooses, its test is only reported); a release
+    # with train and test but no val gets round(val_fraction * images) of its train images as val.
+    val_fraction: float = num(0.1, ge=0, lt=1)
+    test_fraction: float = num(0.2, ge=0, lt=1)
+    split_seed: int = num(0, ge=0)
+
+    def check(self) -> None:
+        require(
+            self.val_fraction + self.test_fraction < 1,
+            f"val_fraction + test_fraction must be < 1, got {self.val_fraction} + {self.test_fraction}",
+        )
 
 
 @dataclass(frozen=True)
@@ -145,7 +165,10 @@ class SamConfig(Section):
     pred_iou_thresh: float = num(0.5, ge=0, le=1)
     stability_score_thresh: float = num(0.6, ge=0, le=1)
     min_mask_region_area: int = num(0, ge=0)
-    keep_largest: int = num(50, ge=1)  # masks sorted by area, this many kept before CLIP scoring
+    keep_largest: int = num(50, ge=1)  # masks sorted by area, this many kept before ranking
+    # Ranking of the kept masks: SAM's predicted IoU x stability (from the image alone), or
+    # "caption": CLIP similarity to the row's captions (UrbanCross), for training rows only.
+    selection: Literal["quality", "caption"] = "quality"
     num_segments: int = num(10, ge=1)
     style: Literal["white", "crop"] = "white"
     segment_size: int = num(64, ge=1)
@@ -172,6 +195,8 @@ class RefineConfig(Section):
     min_chars: int = num(8, ge=0)
     max_chars: int = num(600, ge=1)
     max_repeat_fraction: float = num(0.5, ge=0, le=1)
+    # auto = bf16 on a GPU, fp32 on CPU: an InstructBLIP-Vicuna-7B holds 8B parameters, 32 GB in fp32
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     num_gpus: float = num(0.0, ge=0)
     num_cpus: float = num(0.5, ge=0)
     concurrency: int = num(1, ge=1)
@@ -254,13 +279,23 @@ class CurriculumConfig(Section):
 
 
 @dataclass(frozen=True)
+class LRScheduleConfig(Section):
+    """A stage's learning-rate curve around its peak lr (`urbancross/train/lr_schedule.py`)."""
+
+    kind: Literal["cosine", "constant"] = "cosine"  # constant: the peak throughout, no warm-up
+    warmup: float = num(0.05, ge=0, lt=1)  # share of the stage's optimizer steps rising linearly to the peak
+    final: float = num(0.0, ge=0, le=1)  # lr at the last step, as a share of the peak
+
+
+@dataclass(frozen=True)
 class TrainConfig(Section):
     """Ray Train + DeepSpeed training (stage 1)."""
 
     epochs: int = num(6, ge=1)
     batch_size: int = num(32, ge=1)  # per worker micro-batch
     grad_accum: int = num(1, ge=1)
-    lr: float = num(5e-4, gt=0)
+    lr: float = num(5e-4, gt=0)  # peak; pretrained CLIP weights want far less (README: pretrained weights)
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     weight_decay: float = num(0.05, ge=0)
     grad_clip: float = num(1.0, ge=0)
     zero_stage: int = num(0, ge=0, le=3)
@@ -271,8 +306,19 @@ class TrainConfig(Section):
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
     domain: str = ""  # training domain; empty = data.source_domain, "all" = every domain
     val_images: int = num(64, ge=0)  # validation slice (val split, else held out of the train split)
-    ingest_actors: int = num(0, ge=0)  # 0 = Ray Data tasks (workers reused across epochs); N = a pool of N decoding actors
-    ingest_cpus: float = num(0.5, ge=0)  # CPUs per decoding actor
+    # Both stages export their best val-mR epoch; with patience > 0 they also stop after this many
+    # epochs without a better val mR (epochs inside the curriculum's pacing ramp do not count).
+    patience: int = num(0, ge=0)
+    ingest_actors: int = num(0, ge=0)  # 0 = Ray Data tasks decode (once per run); N = a pool of N decoding actors
+    ingest_cpus: float = num(0.5, ge=0)  # CPUs per decoding task/actor
+    # Decoded rows are cached once per run (urbancross/train/cache.py): in memory (object store, a
+    # copy per worker) or on disk (<out_dir>/<stage>/cache, memory-mapped); auto = memory up to cache_memory_mb
+    cache: Literal["auto", "memory", "disk"] = "auto"
+    cache_memory_mb: float = num(2048, ge=0)
+    threads_per_worker: int = num(1, ge=1)  # torch threads in each Train worker (Ray sets OMP_NUM_THREADS=1 for fractional CPUs)
+    checkpoint_every: int = num(5, ge=1)  # epochs between checkpoints; the last epoch of a fit always has one
+    val_every: int = num(1, ge=1)  # epochs between validations; the last epoch of a fit always has one
+    progress_seconds: float = num(30.0, gt=0)  # a progress line (rows, rate, ETA) at most this often
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
 
@@ -281,16 +327,24 @@ class AdaptConfig(Section):
     """Weighted adversarial fine-tuning from a trained checkpoint (stage 2)."""
 
     checkpoint: str = ""  # stage-1 model: a model.pt or a folder holding one; empty = <out_dir>/train
-    epochs: int = num(4, ge=1)
-    lr: float = num(1e-4, gt=0)
-    select_fraction: float = num(0.5, gt=0, le=1)  # share of each source batch selected (most target-like first)
-    curriculum: bool = True  # move the selection window from easiest to harder slices over the passes
-    slices: int = num(5, ge=1)  # positions of the window (5 = quintiles when select_fraction = 0.2)
-    curriculum_length: float = num(1.0, gt=0, le=1)  # share of the passes after which the hardest slice is reached
+    epochs: int = num(5, ge=1)  # 5 passes: the kept share reaches 100% in the last (the reference's 5 cycles)
+    # Peak lr, 100x below train.lr as in the reference (1e-5 training, 1e-7 fine-tuning a
+    # pretrained CLIP): adaptation fine-tunes a trained model and must not undo it.
+    lr: float = num(5e-6, gt=0)
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    # Kept share of each source batch, most target-like first: select_fraction in the first pass,
+    # + select_growth per pass up to 1 (the reference: 0.2 + 0.2 * cycle); curriculum off = fixed.
+    select_fraction: float = num(0.2, gt=0, le=1)
+    select_growth: float = num(0.2, ge=0, le=1)
+    curriculum: bool = True
+    # Weights of the kept rows: target-likeness min-max scaled into [weight_floor, 1], mean 1.
+    # 0 = the reference's exact scaling (its least target-like kept row gets weight 0).
+    weight_floor: float = num(0.5, ge=0, le=1)
+    weighted_term: Literal["domain", "retrieval"] = "domain"  # the reference weights the adversarial term
     disc_hidden: int = num(0, ge=0)  # 0 = the embedding dimension
     disc_depth: int = num(2, ge=1)
     disc_lr: float = num(1e-3, gt=0)
-    disc_inputs: Literal["image_text", "image"] = "image_text"  # embeddings the discriminator sees
+    disc_inputs: Literal["image", "image_text"] = "image"  # embeddings the discriminator sees (reference: image)
     mode: Literal["grl", "alternating"] = "grl"
     schedule: Literal["constant", "linear", "dann"] = "dann"
     gamma: float = num(10.0, gt=0)
@@ -322,15 +376,27 @@ class MLflowConfig(Section):
     experiment: str = "urbancross"
     registered_model: str = "urbancross"
 
+    def check(self) -> None:
+        # A config is logged as run params and saved beside every run: credentials never go in
+        # it. MLflow's client reads them from MLFLOW_TRACKING_USERNAME/_PASSWORD (or _TOKEN).
+        require(
+            "@" not in urllib.parse.urlsplit(self.tracking_uri).netloc,
+            "tracking_uri must not hold credentials (user:password@host); export MLFLOW_TRACKING_USERNAME "
+            "and MLFLOW_TRACKING_PASSWORD instead (the URI is not shown: it holds a secret)",
+        )
+
 
 @dataclass(frozen=True)
 class PromoteConfig(Section):
     """Registry gate: a candidate becomes `champion` only if clearly better on the same split."""
 
-    margin: float = num(0.5, ge=0)  # mean mR (over domains) must beat the champion's by at least this
+    # mean mR (over domains) must beat the champion's by at least this: 2·sd·√2 of the run-to-run
+    # spread, so a rerun of the champion's own config passes about 2% of the time
+    # (bench/promote_margin.py; demo config, 3 seeds: sd 0.87 at 8 epochs -> 2.46)
+    margin: float = num(2.5, ge=0)
     max_domain_drop: float = num(2.0, ge=0)  # and no domain's mR may fall by more than this
     manifest: str = ""  # evaluation manifest; empty = data.manifest
-    split: str = "test"
+    split: str = "val"  # choosing a model is never done on test: that split is only reported
 
 
 @dataclass(frozen=True)
@@ -402,7 +468,10 @@ class Config(Section):
         """
         if self.mlflow.tracking_uri:
             return self.mlflow.tracking_uri
-        return "sqlite:///" + str((Path(self.out_dir) / "mlflow.db").resolve())
+        local = storage.local_path(self.out_dir)  # `file://` too; Path() would make `file:/...` a relative folder
+        if local is None:
+            raise ConfigError(f"mlflow.tracking_uri is empty and out_dir {show(self.out_dir)} is remote: set a tracking server URI")
+        return "sqlite:///" + str(Path(local) / "mlflow.db")
 
 
 # --------------------------------------------------------------------------- loading
@@ -511,9 +580,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def dump_config(cfg: Config) -> str:
+    """`cfg` as YAML text; `load_config` reads it back unchanged."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write `cfg` as YAML atomically; `load_config` reads it back unchanged."""
-    atomic.write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic.write_text(path, dump_config(cfg))
 
 
 def from_dict(cls: type, raw: Any, where: str = "<dict>", prefix: str = ""):
@@ -660,6 +734,7 @@ __all__ = [
     "num",
     "read_yaml_file",
     "require",
+    "dump_config",
     "save_config",
     "show",
 ]

@@ -3,8 +3,9 @@
 synth -> preprocess (tiny SAM, Ray Data) -> train on the source domain (Ray Train +
 DeepSpeed) -> adapt to the target domain -> evaluate both models on every domain.
 Everything lands under `cfg.out_dir`, the MLflow store included; the cross-domain table is
-`<out_dir>/cross_domain.{json,md,png}`. A stage whose output exists is skipped and a stage
-that was interrupted resumes, so re-running the same command continues where it stopped.
+`<out_dir>/cross_domain.{json,md,png}`, each stage's wall time `<out_dir>/timings.json`. A
+stage whose output exists is skipped and a stage that was interrupted resumes, so re-running
+the same command continues where it stopped.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from urbancross.atomic import write_json
 from urbancross.config import Config, local_absolute, save_config
 from urbancross.data.manifest import read_manifest, summary_json
 from urbancross.data.synth import synthesize
@@ -30,11 +32,19 @@ BENCHMARK = "benchmark"  # <out_dir>/benchmark: the synthesized manifest when no
 CONFIG_FILE = "config.yaml"
 
 
-def _timed(name: str, fn: Callable[[], object]):
+TIMINGS_FILE = "timings.json"  # each stage's start (Unix time) and wall seconds, for benchmarks
+
+
+def _timed(name: str, fn: Callable[[], object], timings: list[dict] | None = None, out: Path | None = None):
+    """Run one stage, logging its wall time (and appending it to `timings`, written to `out`)."""
     log.info("demo: %s ...", name)
-    t0 = time.perf_counter()
+    started, t0 = time.time(), time.perf_counter()
     value = fn()
-    log.info("demo: %s done in %.0fs", name, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    log.info("demo: %s done in %.0fs", name, seconds)
+    if timings is not None and out is not None:
+        timings.append({"stage": name, "started": round(started, 3), "seconds": round(seconds, 3)})
+        write_json(out / TIMINGS_FILE, timings, indent=2)
     return value
 
 
@@ -71,14 +81,19 @@ def run_demo(cfg: Config) -> list[dict]:
     t0 = time.perf_counter()
 
     raw = out / BENCHMARK
+    timings: list[dict] = []
+
+    def timed(name: str, fn: Callable[[], object]):
+        return _timed(name, fn, timings, out)
+
     if cfg.preprocess.input == str(raw):
-        table = read_manifest(raw) if raw.exists() else _timed("synthesize the embedded benchmark", lambda: synthesize(cfg.synth, str(raw)))
+        table = read_manifest(raw) if raw.exists() else timed("synthesize the embedded benchmark", lambda: synthesize(cfg.synth, str(raw)))
         print(summary_json(table), flush=True)
-    _timed("preprocess (SAM segments, caption refinement)", lambda: run_preprocess(cfg))
+    timed("preprocess (SAM segments, caption refinement)", lambda: run_preprocess(cfg))
 
-    _timed(f"train on {cfg.data.source_domain}", lambda: _train_stage(cfg, "train", run_train))
-    _timed(f"adapt {cfg.data.source_domain} -> {cfg.data.target_domain}", lambda: _train_stage(cfg, "adapt", run_adapt))
+    timed(f"train on {cfg.data.source_domain}", lambda: _train_stage(cfg, "train", run_train))
+    timed(f"adapt {cfg.data.source_domain} -> {cfg.data.target_domain}", lambda: _train_stage(cfg, "adapt", run_adapt))
 
-    records = _timed("evaluate on every domain", lambda: run_evaluate(cfg))  # logs the table
+    records = timed("evaluate on every domain", lambda: run_evaluate(cfg))  # logs the table
     log.info("demo: finished in %.0fs; table in %s, MLflow store %s", time.perf_counter() - t0, out / "cross_domain.json", cfg.tracking_uri())
     return records

@@ -63,7 +63,7 @@ def build_sam_tiny(checkpoint: str | None = None):
     sam.eval()
     if checkpoint is not None:
         with open(checkpoint, "rb") as f:
-            state_dict = torch.load(f)
+            state_dict = torch.load(f, map_location="cpu", weights_only=True)  # tensors only: no code unpickled
         sam.load_state_dict(state_dict)
     return sam
 

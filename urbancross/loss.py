@@ -4,6 +4,8 @@ Conventions: a similarity matrix `sim` is [B images, B texts] with the matched p
 diagonal; `logits` are similarities already multiplied by the temperature scale. Every loss
 computes one value per sample (image/text pair i) and reduces with `weighted_mean`, so
 per-sample `weights` (adversarial stage, curriculum) scale each pair's terms; None = uniform.
+Scene-class `labels` are int64 class ids per sample, -1 where a sample has none
+(`urbancross.data.ingest.label_id`); None = no sample has one.
 """
 
 from __future__ import annotations
@@ -24,11 +26,17 @@ def weighted_mean(per_sample: Tensor, weights: Tensor | None = None) -> Tensor:
     return (per_sample * w).sum() / w.sum().clamp_min(1e-12)
 
 
+def _same_class(labels: Tensor) -> Tensor:
+    """[n,n] bool: both samples have a class (>= 0) and it is the same one."""
+    known = labels >= 0
+    return (labels[:, None] == labels[None, :]) & known[:, None] & known[None, :]
+
+
 def _negatives(n: int, labels: Tensor | None, device) -> Tensor:
-    """[n,n] bool: True where (i, j) is a negative pair (off-diagonal, and a different label if given)."""
+    """[n,n] bool: True where (i, j) is a negative pair (off-diagonal, and not of one known class)."""
     neg = ~torch.eye(n, dtype=torch.bool, device=device)
     if labels is not None:
-        neg &= labels[:, None] != labels[None, :]
+        neg &= ~_same_class(labels.to(device))
     return neg
 
 
@@ -71,14 +79,22 @@ def triplet_hardest(sim: Tensor, margin: float, weights: Tensor | None = None, l
 def intra_class(image: Tensor, text: Tensor, labels: Tensor | None = None, weights: Tensor | None = None) -> Tensor:
     """CMPAGL's intra-class distance: pull matched (or same-class) image/text embeddings together.
 
-    With unit vectors, l_i = mean_{j: same class as i} (1 - <image_i, text_j>); without labels
-    only the matched pair (j = i) counts.
+    With unit vectors, l_i = mean_{j: same class as i} (1 - <image_i, text_j>), over the samples
+    that have a class (`retrieval_loss` leaves the term out when none has); without labels only
+    the matched pair (j = i) counts.
     """
     dist = 1.0 - image @ text.T
     if labels is None:
         return weighted_mean(dist.diagonal(), weights)
-    same = (labels[:, None] == labels[None, :]).to(dist)
-    return weighted_mean((dist * same).sum(1) / same.sum(1), weights)
+    known = (labels >= 0).to(dist)
+    same = _same_class(labels.to(dist.device)).to(dist)
+    w = known if weights is None else weights.to(dist) * known
+    return weighted_mean((dist * same).sum(1) / same.sum(1).clamp_min(1), w)
+
+
+def has_labels(labels: Tensor | None) -> bool:
+    """Whether any sample of the batch has a scene class."""
+    return labels is not None and bool((labels >= 0).any())
 
 
 def hardest_negatives(sim: Tensor, same: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -156,7 +172,8 @@ def retrieval_loss(
 
     kind=infonce: image_text (fused vs text) + segment_text + image_segment (segment_infonce);
     kind=vse: hinge on image_text + hinge on segment_text (mean segment vs text), UrbanCross;
-    kind=triplet: hardest-negative triplet on image_text + intra_class, CMPAGL.
+    kind=triplet: hardest-negative triplet on image_text + intra_class, CMPAGL; the intra-class
+    term needs scene classes and is left out when no sample of the batch has one.
     Any kind adds pre_align when the model outputs `pre_image`/`pre_text`. Segment terms are
     skipped when `out["segments"]` is None.
     """
@@ -175,7 +192,8 @@ def retrieval_loss(
             parts["segment_text"] = vse_hinge(segment_mean(seg, mask, out["image"]) @ text.T, cfg.margin, weights)
     elif cfg.kind == "triplet":
         parts["image_text"] = triplet_hardest(sim, cfg.margin, weights, labels)
-        parts["intra_class"] = intra_class(fused, text, labels, weights)
+        if has_labels(labels):
+            parts["intra_class"] = intra_class(fused, text, labels, weights)
     else:
         raise ValueError(f"loss.kind: unknown loss {cfg.kind!r}")
     if out.get("pre_image") is not None:

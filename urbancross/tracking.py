@@ -2,20 +2,25 @@
 
 Also the check that a tracking server answers, and `RegistryError` for when it does not:
 every stage that talks to MLflow (training, evaluation, promotion, search) uses them.
+`MetricLog` is training's per-epoch logger: an unreachable server never stops training.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from urbancross.config import Config, save_config
+
+log = logging.getLogger(__name__)
 
 MAX_PARAM_LEN = 500  # MLflow rejects longer param values
 
@@ -115,3 +120,76 @@ def log_json_artifact(obj: Any, name: str, artifact_path: str | None = None) -> 
         with open(path, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True, default=str)
         mlflow.log_artifact(path, artifact_path)
+
+
+class MetricLog:
+    """Per-epoch metrics of one run, logged so that tracking failures never end training.
+
+    Each call queues the epoch's metrics (with their own timestamps) and tries to send the
+    whole queue: `attempts` tries, `backoff` * 2^i seconds apart, each preceded by the
+    /health check (a down server fails in milliseconds, not after MLflow's own minutes of
+    retries, which are held to one). What cannot be sent stays queued for the next epoch's
+    try; `close()` tries once more and returns (and logs) what never reached the server. The
+    epoch's checkpoint is saved before this runs, so an outage costs at most MLflow's copy.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, *, attempts: int = 3, backoff: float = 1.0,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.uri, self.run_id = tracking_uri, run_id
+        self.attempts, self.backoff, self.sleep = attempts, backoff, sleep
+        self.pending: list[tuple[int | None, dict[str, float], int]] = []  # (step, metrics, ms timestamp)
+
+    def __call__(self, metrics: Mapping[str, float], step: int | None = None) -> bool:
+        """Queue and send; True when everything queued so far reached the server."""
+        self.pending.append((step, {k: float(v) for k, v in metrics.items()}, int(time.time() * 1000)))
+        return self.flush()
+
+    def flush(self) -> bool:
+        problem = None
+        for attempt in range(self.attempts):
+            if attempt:
+                self.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                self._send()
+                return True
+            except Exception as e:  # noqa: BLE001 - any tracking failure is survivable here
+                problem = e
+        log.warning("MLflow %s: %d epoch(s) of metrics not logged yet, kept for the next try (%s)",
+                    self.uri, len(self.pending), str(problem).splitlines()[0][:200] if str(problem) else type(problem).__name__)
+        return False
+
+    def close(self) -> list[tuple[int | None, dict[str, float], int]]:
+        """Last try; returns the (step, metrics, timestamp) that were never logged (also logged as an error)."""
+        if self.pending and not self.flush():
+            log.error("MLflow %s unreachable: metrics of steps %s never logged to run %s (they are in the Ray Train "
+                      "results and checkpoints): %s", self.uri, [p[0] for p in self.pending], self.run_id,
+                      json.dumps(self.pending)[:2000])
+        return list(self.pending)
+
+    def _send(self) -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        if not self.pending:
+            return
+        check_tracking_server(self.uri, timeout=5.0)
+        metrics = [Metric(k, v, ts, step or 0) for step, values, ts in self.pending for k, v in values.items()]
+        with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_TIMEOUT="30"):
+            client = MlflowClient(tracking_uri=self.uri)
+            for i in range(0, len(metrics), 1000):  # MLflow's per-batch limit
+                client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+        self.pending.clear()
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -41,10 +41,16 @@ Segments follow the authors' SAM script: `image_segments/<stem>/<stem>_<k>.jpg` 
 `<stem>` the image name up to its first dot and `k` the SAM mask index (by area). They are
 stored in increasing `k`, at most `DataConfig.num_segments`, padded with white images of
 the first segment's size; `num_real_segments` counts the real ones. Without a split column,
-each country's distinct image names are sorted, shuffled with `random.Random(seed)` and the
-first `round(test_fraction * n)` go to test, the rest to train (80/20, seed 0 by default),
-so the split does not depend on CSV order or on which rows are later skipped. The release
-has no scene classes: `label` is null. `--domain` selects one country when ROOT holds several.
+each country's distinct image names are sorted, shuffled with `random.Random(data.split_seed)`
+and the first `round(data.test_fraction * n)` go to test, the next `round(data.val_fraction * n)`
+to val, the rest to train (70/10/20 by default, as the reference splits a country), so the
+split does not depend on CSV order or on which rows are later skipped. The release has no
+scene classes: `label` is null. `--domain` selects one country when ROOT holds several.
+
+Validation split (every format): a release with train images but no val split (RSITMD's
+precomp files, a Karpathy JSON without `val`, a CSV split column without `val`) gets a seeded
+val split carved from its train images: `round(data.val_fraction * n)` of its n images (at
+least one image stays in train), chosen as above. Models are chosen on val, never on test.
 
 Release quirks (anomalies)
 --------------------------
@@ -456,6 +462,8 @@ def grouped_candidates(
         if rel != os.path.normpath(lst.name):
             ctx.anomalies.add("name_resolved", lst.source, f"{lst.name!r} is {rel!r}")
         groups.setdefault(rel, []).append(lst)
+    captioned = {rel for rel, group in groups.items() if any(text for g in group for _, text in g.captions)}
+    split_of = carve_val({rel: max((g.split for g in group), key=SPLIT_RANK.__getitem__) for rel, group in groups.items()}, ctx.cfg, captioned)
     for rel, group in groups.items():
         first = group[0]
         splits = sorted({g.split for g in group}, key=SPLIT_RANK.__getitem__)
@@ -470,7 +478,7 @@ def grouped_candidates(
         row = {
             "image_id": f"{domain}/{rel}",
             "domain": domain,
-            "split": splits[-1],
+            "split": split_of[rel],
             "label": scene_label(rel),
             "source": first.source,
             "captions": usable_captions([c for g in group for c in g.captions], first.source, ctx),
@@ -724,7 +732,7 @@ def find_country_csv(folder: Path) -> Path | None:
     return found[0] if found else None
 
 
-def read_urbancross(root: Path, ctx: Context, *, test_fraction: float = 0.2, seed: int = 0) -> list[Candidate]:
+def read_urbancross(root: Path, ctx: Context) -> list[Candidate]:
     if find_country_csv(root):
         countries = {ctx.domain or root.resolve().name: root}
     else:
@@ -739,7 +747,7 @@ def read_urbancross(root: Path, ctx: Context, *, test_fraction: float = 0.2, see
         raise DatasetError("--images names one country's images; give ROOT as that country's folder")
     out: list[Candidate] = []
     for name, folder in countries.items():
-        out += urbancross_country(folder, name, ctx, test_fraction, seed)
+        out += urbancross_country(folder, name, ctx)
     return out
 
 
@@ -820,11 +828,35 @@ def parse_tags(text: str) -> list[str] | None:
     return [t.strip() for t in text.split(";") if t.strip()]
 
 
-def seeded_test_set(names: list[str], test_fraction: float, seed: int) -> set[str]:
-    """The `round(test_fraction * n)` names that go to test: sorted, then a seeded shuffle."""
+def seeded_order(names: list[str], seed: int) -> list[str]:
+    """The names sorted, then shuffled by `random.Random(seed)`: independent of input order."""
     order = sorted(names)
     random.Random(seed).shuffle(order)
-    return set(order[: round(test_fraction * len(order))])
+    return order
+
+
+def seeded_splits(names: list[str], cfg: DataConfig) -> dict[str, str]:
+    """name -> split: in `seeded_order`, the first round(test_fraction * n) test, the next
+    round(val_fraction * n) val, the rest train (disjoint by construction)."""
+    order = seeded_order(names, cfg.split_seed)
+    test, val = round(cfg.test_fraction * len(order)), round(cfg.val_fraction * len(order))
+    return {name: "test" if i < test else "val" if i < test + val else "train" for i, name in enumerate(order)}
+
+
+def carve_val(split_of: dict[str, str], cfg: DataConfig, eligible: set[str] | None = None) -> dict[str, str]:
+    """`split_of` (name -> split) with a seeded val split carved from train when it has none:
+    round(val_fraction * n) of all n names, drawn from the `eligible` train names (all when
+    None; the importers pass those with a caption, as a captionless image cannot be scored),
+    at least one train name left in train."""
+    train = [name for name, split in split_of.items() if split == "train"]
+    if "val" in split_of.values() or not train:
+        return split_of
+    pool = [name for name in train if eligible is None or name in eligible]
+    count = min(round(cfg.val_fraction * len(split_of)), len(train) - 1, len(pool))
+    val = set(seeded_order(pool, cfg.split_seed)[:count])
+    if val:
+        log.info("no val split: %d of %d train images carved out as val (data.val_fraction %g)", len(val), len(train), cfg.val_fraction)
+    return {name: "val" if name in val else split for name, split in split_of.items()}
 
 
 @dataclass
@@ -839,7 +871,7 @@ class CountryFiles:
     cfg: DataConfig
 
 
-def urbancross_country(folder: Path, country: str, ctx: Context, test_fraction: float, seed: int) -> list[Candidate]:
+def urbancross_country(folder: Path, country: str, ctx: Context) -> list[Candidate]:
     """One candidate per distinct image name (its CSV rows grouped) and per bad CSV record, in file order."""
     csv_path = find_country_csv(folder)
     header, records = read_csv(csv_path, field_limit=max(csv.field_size_limit(), 4 * ctx.cfg.max_caption_chars))
@@ -873,15 +905,21 @@ def urbancross_country(folder: Path, country: str, ctx: Context, test_fraction: 
                 values[col] = tidy(values[col], where, ctx)
         groups.setdefault(name, []).append((rec.line, values))
 
-    test = seeded_test_set(list(groups), test_fraction, seed) if "split" not in header else None
+    if "split" not in header:
+        split_of = seeded_splits(list(groups), ctx.cfg)
+    else:
+        split_of = {}
+        for name, recs in groups.items():
+            try:
+                split_of[name] = csv_split(recs, f"{csv_path}:{recs[0][0]}", ctx)
+            except BadRow as e:
+                found.append((recs[0][0], Candidate(f"{csv_path}:{recs[0][0]}", None, failing(str(e)))))
+        split_of = carve_val(split_of, ctx.cfg)
     for name, recs in groups.items():
+        if name not in split_of:
+            continue  # a bad split column: already a failing candidate
         source = f"{csv_path}:{recs[0][0]}"
-        try:
-            split = ("test" if name in test else "train") if test is not None else csv_split(recs, source, ctx)
-        except BadRow as e:
-            found.append((recs[0][0], Candidate(source, None, failing(str(e)))))
-            continue
-        fields = {"split": split, **csv_captions(csv_path, header, recs, source, ctx)}
+        fields = {"split": split_of[name], **csv_captions(csv_path, header, recs, source, ctx)}
         build = partial(urbancross_row, files, name, header, recs, fields, source)
         found.append((recs[0][0], Candidate(source, f"{country}/{name}", build)))
     return [cand for _, cand in sorted(found, key=lambda item: item[0])]

@@ -25,6 +25,13 @@ def sample_key(image_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(image_id.encode(), digest_size=8).digest(), "little") >> 1
 
 
+def label_id(label: Any) -> int:
+    """Stable 63-bit class id of a scene label (the manifest's optional `label`); -1 for none."""
+    if label is None or not str(label):
+        return -1
+    return sample_key("label:" + str(label))
+
+
 def caption_texts(row: dict[str, Any], cfg: Config) -> list[str]:
     """The captions a stage trains/evaluates on: refined ones when configured and present."""
     refined = row.get("refined_captions")

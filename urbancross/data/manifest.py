@@ -58,6 +58,8 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from urbancross.storage import is_remote, resolve_fs  # re-exported: importers and preprocess use them from here
+
 log = logging.getLogger(__name__)
 
 MANIFEST_SCHEMA = pa.schema(
@@ -83,18 +85,6 @@ REQUIRED_COLUMNS = ("image_id", "captions", "domain", "split")
 
 class ManifestError(ValueError):
     """A manifest (or a row of one) does not follow the schema."""
-
-
-def is_remote(uri: str | os.PathLike) -> bool:
-    return "://" in str(uri)
-
-
-def resolve_fs(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """Local path or any URI pyarrow understands (s3://, gs://, file://)."""
-    uri = str(uri)
-    if is_remote(uri):
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), str(Path(uri).resolve())
 
 
 def to_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:

@@ -11,12 +11,12 @@ the weights when present, else from `cfg.data.source_domain` / `target_domain`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from urbancross import storage
 from urbancross.config import Config, local_absolute
 from urbancross.data.ingest import read_split
 from urbancross.evaluate.report import to_markdown, write_report
@@ -31,18 +31,18 @@ log = logging.getLogger(__name__)
 def model_entries(cfg: Config, models: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Normalise `models` (or find the run's own) to name -> {path, trained_on, adapted_to}."""
     if models is None:
-        found = {name: Path(cfg.out_dir) / stage / "model.pt" for name, stage in (("source", "train"), ("adapted", "adapt"))}
-        models = {name: str(p) for name, p in found.items() if p.is_file()}
+        found = {name: storage.join(cfg.out_dir, stage, "model.pt") for name, stage in (("source", "train"), ("adapted", "adapt"))}
+        models = {name: p for name, p in found.items() if storage.is_file(p)}
         if not models:
             raise FileNotFoundError(f"no trained model under {cfg.out_dir}/train or {cfg.out_dir}/adapt; train first or pass models")
     entries = {}
     for name, spec in models.items():
         spec = {"path": spec} if isinstance(spec, (str, os.PathLike)) else dict(spec)
         path = str(spec["path"])
-        if not os.path.isfile(path):
+        if not storage.is_file(path):
             raise FileNotFoundError(f"model {name!r}: no weights file {path}")
-        meta_file = Path(path).with_name("model.json")
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        meta_file = storage.join(path.rsplit("/", 1)[0] if storage.is_remote(path) else os.path.dirname(path), "model.json")
+        meta = storage.read_json(meta_file) if storage.is_file(meta_file) else {}
         default_target = cfg.data.target_domain if name == "adapted" else None
         entries[name] = {
             "path": path,
@@ -80,6 +80,7 @@ def run_evaluate(cfg: Config, models: Mapping[str, Any] | None = None, *, use_ra
             prefix = f"{r['model']}.{r['tested_on']}."
             log_metrics({prefix + k: v for k, v in r.items() if isinstance(v, float)})
             log_metrics({prefix + "smr_" + k: v for k, v in r.get("smr", {}).items()})
+            log_metrics({prefix + "image_only_" + k: v for k, v in r.get("image_only", {}).items()})
         log_json_artifact(records, "cross_domain.json")
         for kind in ("md", "png"):
             mlflow.log_artifact(paths[kind])

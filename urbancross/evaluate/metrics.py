@@ -3,6 +3,9 @@
 Protocol (RSICD/RSITMD, as in clip_benchmark): image->text R@K counts an image as a hit when
 any of its ground-truth captions is among its top K texts; text->image R@K, per caption, when
 its image is among the top K images. mR is the mean of all the recalls. Values are percent.
+Only real captions are queries: the padding that fills 5 slots per image (`real_captions`
+drops it) would count a repeated caption as another positive. Validation in `train/` and
+test evaluation both score through `real_captions`, so they agree on the same split.
 """
 
 from __future__ import annotations
@@ -21,6 +24,22 @@ def _hits(scores: torch.Tensor, positive: torch.Tensor, k: int) -> int:
     """
     idx = torch.topk(scores, min(k, scores.shape[1]), dim=1).indices
     return int(positive(idx).any(dim=1).sum())
+
+
+def real_captions(
+    text: torch.Tensor | np.ndarray, num_captions: torch.Tensor | np.ndarray | Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the real captions [M,D], the caption -> image index [M]) from per-image slots.
+
+    `text` [N,C,D] holds C caption slots per image, of which the first `num_captions[i]` are
+    real (the rest cycle them to fill C); captions come out image by image, in slot order.
+    """
+    t = torch.as_tensor(text)
+    counts = torch.as_tensor(np.asarray(num_captions), dtype=torch.long).to(t.device)
+    if t.ndim != 3 or counts.shape != (t.shape[0],):
+        raise ValueError(f"text must be [N,C,D] and num_captions [N], got {tuple(t.shape)} and {tuple(counts.shape)}")
+    keep = torch.arange(t.shape[1], device=t.device)[None, :] < counts[:, None]
+    return t[keep], torch.arange(t.shape[0], device=t.device).repeat_interleave(keep.sum(1))
 
 
 def retrieval_metrics(

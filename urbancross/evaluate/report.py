@@ -3,7 +3,8 @@
 Pure functions of the evaluation records, so the report can be rebuilt from a saved
 `cross_domain.json` without re-running any model. A record is one (model, test domain):
 `model`, `trained_on`, `adapted_to` (None for a source model), `tested_on`, the keys of
-`retrieval_metrics` (`i2t_r1` ... `mR`) and the same under `smr` (after re-ranking).
+`retrieval_metrics` (`i2t_r1` ... `mR`) and the same under `smr` (after re-ranking) and, for a
+model that fuses segments, under `image_only` (the tile's embedding without its segments).
 """
 
 from __future__ import annotations
@@ -23,27 +24,37 @@ def model_label(record: Record) -> str:
     return f"{record['model']} ({where})"
 
 
-def pivot(records: Sequence[Record], metric: str = "mR", smr: bool = False) -> tuple[list[str], list[str], list[list[float | None]]]:
-    """Rows (model labels, in first-seen order) x columns (test domains) of one metric."""
+def pivot(
+    records: Sequence[Record], metric: str = "mR", smr: bool = False, scoring: str = ""
+) -> tuple[list[str], list[str], list[list[float | None]]]:
+    """Rows (model labels, in first-seen order) x columns (test domains) of one metric, plain or
+    of one `scoring` (`smr`, `image_only`; `smr=True` = `scoring="smr"`); rows without it are left out."""
+    scoring = "smr" if smr else scoring
     rows: list[str] = []
     cols: list[str] = []
     cells: dict[tuple[str, str], float] = {}
     for r in records:
+        if scoring and scoring not in r:
+            continue
         row, col = model_label(r), r["tested_on"]
         rows += [row] if row not in rows else []
         cols += [col] if col not in cols else []
-        cells[row, col] = float((r["smr"] if smr else r)[metric])
+        cells[row, col] = float((r[scoring] if scoring else r)[metric])
     return rows, cols, [[cells.get((row, col)) for col in cols] for row in rows]
 
 
 def to_markdown(records: Sequence[Record], metric: str = "mR") -> str:
-    """One table per scoring (plain, SMR re-ranked): trained-on rows x tested-on columns."""
+    """One table per scoring (plain, SMR re-ranked, image only): trained-on rows x tested-on columns.
+
+    A model that fuses segments is scored plain (fused) and image-only, both in the report."""
     parts = []
-    for smr in (False, True):
-        if smr and not all("smr" in r for r in records):
+    titles = {"": metric, "smr": f"{metric} with SMR re-ranking", "image_only": f"{metric}, image only (without segments)"}
+    for scoring, title in titles.items():
+        if scoring and not any(scoring in r for r in records):
             continue
-        rows, cols, values = pivot(records, metric, smr)
-        title = f"{metric} with SMR re-ranking" if smr else metric
+        if scoring == "smr" and not all("smr" in r for r in records):
+            continue
+        rows, cols, values = pivot(records, metric, scoring=scoring)
         lines = [f"### {title}", "", "| model \\ tested on | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for row, vals in zip(rows, values):
             lines.append(f"| {row} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in vals) + " |")

@@ -1,4 +1,5 @@
-"""Scoring collected embeddings: one gallery per test domain, plain and SMR-re-ranked metrics.
+"""Scoring collected embeddings: one gallery per test domain, plain and SMR-re-ranked metrics,
+and for a model that fuses segments also image-only scoring (the tile without its segments).
 
 Pure numpy/torch on the vectors `urbancross.model.embed` returns (rows sorted by image id),
 so in-process and Ray Data embeddings score identically.
@@ -13,25 +14,21 @@ import torch
 
 from urbancross.config import Config, EvaluateConfig
 from urbancross.data.ingest import read_split
-from urbancross.evaluate.metrics import retrieval_metrics
+from urbancross.evaluate.metrics import real_captions, retrieval_metrics
 from urbancross.evaluate.smr import smr_rerank
 from urbancross.model.embed import embed_table
 
 
-def gallery(emb: Mapping[str, np.ndarray], domain: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One domain's images [N,D], its real captions [M,D] and each caption's image index [M]."""
+def gallery(emb: Mapping[str, np.ndarray], domain: str, image_key: str = "image") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One domain's images [N,D] (`image_key`), its real captions [M,D] and each caption's image index [M]."""
     rows = np.flatnonzero(emb["domain"].astype(str) == domain)
-    images = emb["image"][rows]
-    texts, owner = [], []
-    for i, r in enumerate(rows):
-        n = int(emb["num_captions"][r])
-        texts.append(emb["text"][r, :n])
-        owner += [i] * n
-    return images, np.concatenate(texts), np.asarray(owner, dtype=np.int64)
+    texts, owner = real_captions(emb["text"][rows], emb["num_captions"][rows])
+    return emb[image_key][rows], texts.numpy(), owner.numpy()
 
 
 def domain_metrics(emb: Mapping[str, np.ndarray], ecfg: EvaluateConfig) -> list[dict[str, Any]]:
-    """Per test domain: `retrieval_metrics` plain and, under `smr`, after SMR re-ranking."""
+    """Per test domain: `retrieval_metrics` plain, under `smr` after SMR re-ranking, and under
+    `image_only` on the tiles' own embeddings when `emb` has them (a model that fuses segments)."""
     out = []
     for domain in sorted({str(d) for d in emb["domain"]}):
         images, texts, owner = gallery(emb, domain)
@@ -41,6 +38,9 @@ def domain_metrics(emb: Mapping[str, np.ndarray], ecfg: EvaluateConfig) -> list[
         record = {"tested_on": domain, "images": len(images), "texts": len(texts), **_floats(plain)}
         if ecfg.smr.enabled:
             record["smr"] = _floats(retrieval_metrics(smr_rerank(sim, ecfg.smr), image_of_text, ks=tuple(ecfg.ks)))
+        if "image_only" in emb:
+            alone = torch.as_tensor(gallery(emb, domain, "image_only")[0]) @ torch.as_tensor(texts).T
+            record["image_only"] = _floats(retrieval_metrics(alone, image_of_text, ks=tuple(ecfg.ks)))
         out.append(record)
     return out
 

@@ -4,6 +4,7 @@ from urbancross.model.cmpagl import CMPAGLConfig, CMPAGLModel, build_cmpagl, loa
 from urbancross.model.factory import (
     PRESETS,
     CheckpointError,
+    announce_weights,
     create_model,
     get_tokenizer,
     image_size,
@@ -25,6 +26,7 @@ __all__ = [
     "image_size",
     "image_transform",
     "load_cmpagl",
+    "announce_weights",
     "load_weights",
     "save_cmpagl",
     "save_model",

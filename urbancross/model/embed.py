@@ -9,7 +9,8 @@ computation. From the innermost out:
   where `ModelInputs` gives every row a segment mask);
 - `embed_batch`: a model-ready tensor batch -> (image vectors, vectors of all its captions);
 - `embed_rows`: raw manifest rows -> `image_id`, `domain`, `image`, `text`, `num_captions`
-  (numpy), decoding them with `ModelInputs`;
+  (numpy), decoding them with `ModelInputs`; for a model that fuses segments also
+  `image_only`, the tile's own embedding, so evaluation scores both ways (as the reference);
 - `embed_table` runs `embed_rows` in-process (tests, promotion), `embed_dataset` as Ray Data
   batch inference over an actor pool (`Embedder` loads the model once per actor): both give
   the same numbers, rows sorted by image id.
@@ -25,7 +26,6 @@ import torch
 from torch import nn
 
 from urbancross.config import Config
-from urbancross.data.ingest import caption_texts
 from urbancross.model.factory import create_model
 from urbancross.model.inputs import ModelInputs
 
@@ -34,16 +34,22 @@ BATCH_TENSORS = ("images", "tokens", "segments", "segment_mask")  # the columns 
 
 def embed_images(model: nn.Module, images: torch.Tensor, segments=None, segment_mask=None) -> torch.Tensor:
     """[B,3,H,W] (+ segments [B,S,3,H,W], mask [B,S]) -> L2-normalised retrieval embeddings [B,D]."""
+    return embed_images_both(model, images, segments, segment_mask)[0]
+
+
+def embed_images_both(model: nn.Module, images: torch.Tensor, segments=None, segment_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(retrieval embeddings, the tiles' own embeddings without segments); the same tensor twice
+    when the model does not fuse."""
     image = model.encode_image(images)
     if getattr(model, "fusion", None) is None:
-        return image
+        return image, image
     if segments is None:
         segments = images.new_zeros(images.shape[0], 1, *images.shape[1:])
-        segment_mask = torch.zeros(images.shape[0], 1, dtype=torch.bool)
+        segment_mask = torch.zeros(images.shape[0], 1, dtype=torch.bool, device=images.device)
     elif segment_mask is None:
         segment_mask = torch.ones(segments.shape[:2], dtype=torch.bool, device=segments.device)
     segment_mask = torch.as_tensor(segment_mask, dtype=torch.bool)
-    return model.fuse(image, model.encode_segments(segments, segment_mask), segment_mask)
+    return model.fuse(image, model.encode_segments(segments, segment_mask), segment_mask), image
 
 
 def embed_batch(model: nn.Module, batch: Mapping[str, torch.Tensor], texts: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -52,39 +58,47 @@ def embed_batch(model: nn.Module, batch: Mapping[str, torch.Tensor], texts: bool
     `batch["tokens"]` is [B,C,L] (every caption of each image) or [B,L] (one per image).
     """
     image = embed_images(model, batch["images"], batch.get("segments"), batch.get("segment_mask"))
-    if not texts:
-        return image, None
-    tokens = batch["tokens"]
-    return image, model.encode_text(tokens.flatten(0, 1) if tokens.dim() == 3 else tokens)
+    return image, embed_texts(model, batch["tokens"]) if texts else None
+
+
+def embed_texts(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Token ids [B,C,L] or [B,L] -> caption embeddings [B*C,D] (or [B,D])."""
+    return model.encode_text(tokens.flatten(0, 1) if tokens.dim() == 3 else tokens)
 
 
 @torch.no_grad()
 def embed_rows(model: nn.Module, inputs: ModelInputs, rows: Mapping[str, np.ndarray], cfg: Config, texts: bool = True) -> dict[str, np.ndarray]:
-    """Raw manifest rows -> `image_id`, `domain`, `image` [B,D], `text` [B,C,D], `num_captions` [B].
+    """Raw manifest rows -> `image_id`, `domain`, `image` [B,D] (+ `image_only` [B,D] when the model
+    fuses segments), `text` [B,C,D], `num_captions` [B].
 
     `inputs` is a `ModelInputs(cfg, train=False, keep_ids=True)`. It gives C = 5 captions
     per image (cycled when fewer); `num_captions` says how many are real, so repeats are not
     scored as extra queries. `texts=False`: images only (an index).
     """
     x = inputs(rows)
-    image, text = embed_batch(model, {k: torch.as_tensor(x[k]) for k in BATCH_TENSORS if k in x}, texts)
-    out = {"image_id": x["image_id"], "domain": x["domain"], "image": image.float().numpy()}
+    device = next(model.parameters()).device
+    batch = {k: torch.as_tensor(x[k]).to(device) for k in BATCH_TENSORS if k in x}
+    image, image_only = embed_images_both(model, batch["images"], batch.get("segments"), batch.get("segment_mask"))
+    out = {"image_id": x["image_id"], "domain": x["domain"], "image": image.float().cpu().numpy()}
+    if getattr(model, "fusion", None) is not None:
+        out["image_only"] = image_only.float().cpu().numpy()
     if not texts:
         return out
+    text = embed_texts(model, batch["tokens"])
     b, c = x["tokens"].shape[:2]
-    out["text"] = text.reshape(b, c, -1).float().numpy()
-    records = [dict(zip(rows, values)) for values in zip(*rows.values())]
-    out["num_captions"] = np.array([min(len(caption_texts(r, cfg)), c) for r in records], dtype=np.int64)
+    out["text"] = text.reshape(b, c, -1).float().cpu().numpy()
+    out["num_captions"] = x["num_captions"]
     return out
 
 
 class Embedder:
-    """Ray Data actor: loads the model once (plain state dict), then embeds batches of rows."""
+    """Ray Data actor: loads the model once (plain state dict, on the GPU when `evaluate.num_gpus` > 0), then embeds batches of rows."""
 
     def __init__(self, cfg: Config, weights: str):
         torch.set_num_threads(max(1, int(cfg.evaluate.num_cpus)))
         self.cfg = cfg
-        self.model = create_model(cfg.model, pretrained=weights).eval()
+        device = "cuda" if cfg.evaluate.num_gpus > 0 and torch.cuda.is_available() else "cpu"  # the actor's GPU
+        self.model = create_model(cfg.model, pretrained=weights).eval().to(device)
         self.inputs = ModelInputs(cfg, train=False, keep_ids=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -6,19 +6,25 @@ given a pretrained *tag*, so no code path here can start a download.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import logging
 import os
+import posixpath
+import tempfile
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import open_clip
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from open_clip.factory import get_model_config, load_state_dict
+from open_clip.convert import convert_state_dict
+from open_clip.factory import get_model_config
 from torchvision import transforms as T
 
-from urbancross import atomic
+from urbancross import storage
 from urbancross.config import ModelConfig
 from urbancross.model.model import UrbanCrossModel
 
@@ -38,6 +44,8 @@ PRESETS = {
     "ViT-L-14-quickgelu": "ViT-L/14 initialised from OpenAI weights: RemoteCLIP-ViT-L-14",
 }
 OPENAI_INIT_HINTS = ("remoteclip", "georsclip", "openai")
+# open_clip's warning for a model built without a pretrained tag; untrue when a local checkpoint follows
+RANDOM_INIT_WARNING = "No pretrained weights loaded for model"
 
 
 class CheckpointError(ValueError):
@@ -98,25 +106,121 @@ def image_transform(cfg: ModelConfig, train: bool) -> Callable:
     return T.Compose(steps)
 
 
+def cache_transform(cfg: ModelConfig) -> Callable:
+    """PIL image -> uint8 array [3,H,W]: the evaluation geometry (resize, centre crop) before
+    `ToTensor`/`Normalize`, so decoded images can be cached compactly; `normalize` finishes it."""
+    size = image_size(cfg)
+    geometry = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)])
+
+    def transform(img):
+        return np.ascontiguousarray(np.asarray(geometry(_to_rgb(img)), dtype=np.uint8).transpose(2, 0, 1))
+
+    return transform
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (or [0, 1] float) images [...,3,H,W] -> the float input the towers take."""
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    mean = torch.tensor(OPENAI_DATASET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
+
+
 def create_model(cfg: ModelConfig, *, pretrained: str | None = None) -> UrbanCrossModel:
     """Build the model for `cfg` and load `pretrained` (or `cfg.pretrained`) when set.
 
     The checkpoint may be a plain open_clip/OpenAI-format CLIP state dict (only the two towers
     are loaded, via open_clip's `load_checkpoint`) or a full UrbanCross file from `save_model`.
+    What was loaded is logged at DEBUG: every Train worker and inference actor loads the same
+    file, and the run says it once at INFO (`announce_weights`).
     """
     path = cfg.pretrained if pretrained is None else pretrained
-    cfg_text = _open_clip_config(cfg)["text_cfg"]
-    if "hf_model_name" in cfg_text or "hf_tokenizer_name" in cfg_text:
-        raise ValueError(f"model.preset: {cfg.preset!r} needs Hugging Face downloads, which are not allowed")
-    clip = open_clip.create_model(open_clip_name(cfg), pretrained=None, device="cpu")
-    model = UrbanCrossModel(clip, cfg)
+    model = _build(cfg, loads_weights=bool(path))
     if path:
-        load_weights(model, path, preset=cfg.preset)
+        log.debug("%s", describe_load(load_weights(model, path, preset=cfg.preset)))
     return model
 
 
-def load_weights(model: UrbanCrossModel, path: str, preset: str = "?") -> None:
-    """Load a local checkpoint into `model`; a checkpoint that does not fit raises `CheckpointError`."""
+def announce_weights(cfg: ModelConfig, path: str) -> dict:
+    """Load `path` into a fresh model once, in the driver, and log at INFO what was loaded.
+
+    Train workers then load the same file quietly (one line per run, not one per worker), and
+    a checkpoint that does not fit fails here in one line, before any worker starts. Returns
+    the `load_weights` report with the file's `sha256` prefix.
+    """
+    report = load_weights(_build(cfg, loads_weights=True), path, preset=cfg.preset)
+    local = storage.local_path(path) if storage.is_remote(path) else path
+    if local is not None:
+        report["sha256"] = sha256_prefix(local)
+    log.info("%s", describe_load(report))
+    return report
+
+
+def _build(cfg: ModelConfig, loads_weights: bool) -> UrbanCrossModel:
+    cfg_text = _open_clip_config(cfg)["text_cfg"]
+    if "hf_model_name" in cfg_text or "hf_tokenizer_name" in cfg_text:
+        raise ValueError(f"model.preset: {cfg.preset!r} needs Hugging Face downloads, which are not allowed")
+    with _without_random_init_warning() if loads_weights else contextlib.nullcontext():
+        clip = open_clip.create_model(open_clip_name(cfg), pretrained=None, device="cpu")
+    return UrbanCrossModel(clip, cfg)
+
+
+@contextlib.contextmanager
+def _without_random_init_warning():
+    """Drop open_clip's "initialized randomly" warning (root logger) while building a model
+    that a local checkpoint is loaded into next: users read it as "my weights were ignored"."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(RANDOM_INIT_WARNING)
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def sha256_prefix(path: str, chars: int = 12) -> str:
+    """The first `chars` hex digits of the file's SHA-256 (identifies which checkpoint a run used)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:chars]
+
+
+def describe_load(report: dict) -> str:
+    """One log line for a `load_weights` report."""
+    def keys(items: list[str]) -> str:
+        return "none" if not items else ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+
+    sha = f"sha256 {report['sha256']}, " if "sha256" in report else ""
+    return (
+        f"model weights: loaded {report['path']} ({sha}{report['tensors']} tensors, {report['parameters']:,} parameters "
+        f"into {report['into']}); checkpoint keys skipped: {keys(report['skipped'])}; "
+        f"not in the checkpoint, initialised randomly: {keys(report['random_init'])}"
+    )
+
+
+def load_weights(model: UrbanCrossModel, path: str, preset: str = "?") -> dict:
+    """Load a checkpoint (a local path or a storage URI) into `model`; a misfit raises `CheckpointError`.
+
+    Returns what was loaded: `path`, `into` (the whole model or its CLIP towers), `tensors`
+    and `parameters` loaded, `skipped` (checkpoint keys the model does not take, dropped by
+    open_clip's conversion, e.g. `text.transformer.embeddings.position_ids`) and `random_init`
+    (model keys the checkpoint does not have: the UrbanCross heads of a plain CLIP checkpoint).
+    """
+    if storage.is_remote(path):
+        local = storage.local_path(path)
+        if local is None:  # object storage: fetch once into a temporary file (open_clip's loader wants a path)
+            if not storage.is_file(path):
+                raise CheckpointError(f"model.pretrained: {path!r} not found")
+            with tempfile.TemporaryDirectory() as tmp:
+                copy = os.path.join(tmp, posixpath.basename(path))
+                Path(copy).write_bytes(storage.read_bytes(path))
+                return {**load_weights(model, copy, preset), "path": path}
+        path = local
     if not os.path.isfile(path):
         raise CheckpointError(
             f"model.pretrained: {path!r} is not a local checkpoint file (weights are never downloaded; "
@@ -125,18 +229,53 @@ def load_weights(model: UrbanCrossModel, path: str, preset: str = "?") -> None:
     if not preset.endswith("quickgelu") and preset != "tiny" and any(h in Path(path).name.lower() for h in OPENAI_INIT_HINTS):
         log.warning("%s looks OpenAI-initialised; such checkpoints need the '%s-quickgelu' preset", path, preset)
     try:
-        state = load_state_dict(path)
+        state = read_state_dict(path)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise CheckpointError(f"{path}: not a readable checkpoint: {e}") from e
     if any(k.startswith("clip.") for k in state):
         _check_fit(model, state, path, preset)
         model.load_state_dict(state)
-        return
+        return _report(path, "the whole model", model, state, model, "")
     try:  # open_clip's loader: converts OpenAI/third-party formats and resizes position embeddings
         open_clip.load_checkpoint(model.clip, path, strict=True)
     except Exception as e:  # noqa: BLE001 - open_clip signals misfits with Runtime/Key/AssertionError
         _check_fit(model.clip, state, path, preset)
         raise CheckpointError(f"{path}: does not fit model preset {preset!r}: {e}") from e
+    return _report(path, "the CLIP towers (model.clip)", model.clip, convert_state_dict(model.clip, state), model, "clip.")
+
+
+def _report(path: str, into: str, target: torch.nn.Module, state: dict, model: torch.nn.Module, prefix: str) -> dict:
+    """A strict load filled every key of `target`; the rest of `model` kept its initialisation."""
+    own = target.state_dict()
+    return {
+        "path": path,
+        "into": into,
+        "tensors": len(own),
+        "parameters": sum(v.numel() for v in own.values()),
+        "skipped": sorted(set(state) - set(own)),
+        "random_init": sorted(k for k in model.state_dict() if not k.startswith(prefix) or k[len(prefix) :] not in own),
+    }
+
+
+def read_state_dict(path: str) -> dict:
+    """The tensors of a checkpoint file, read as data: safetensors, else `torch.load(weights_only=True)`.
+
+    Ours rather than open_clip's `load_state_dict`, which retries with a plain `torch.load` on a
+    TypeError: a crafted file could raise one and get a second, weaker unpickling.
+    """
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path, device="cpu")
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{path}: holds no state dict")
+    if next(iter(state)).startswith("module."):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
 
 
 def _check_fit(module: torch.nn.Module, state: dict, path: str, preset: str) -> None:
@@ -165,4 +304,4 @@ def _check_fit(module: torch.nn.Module, state: dict, path: str, preset: str) -> 
 def save_model(model: UrbanCrossModel, path: str | os.PathLike) -> None:
     """Write the full state dict atomically; `create_model(cfg, pretrained=path)` loads it back."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic.write_file(path, lambda tmp: torch.save({"state_dict": state}, tmp))
+    storage.write_with(path, lambda f: torch.save({"state_dict": state}, f))  # a local path or a storage URI

@@ -8,6 +8,11 @@ state dict and the run's config YAML; `code_paths` ships the `urbancross` packag
 
 Input: a DataFrame with a `text` column (strings) or an `image` column (PNG/JPEG bytes).
 Output: float32 [N, D], L2-normalised (the `fused` retrieval embedding for images).
+
+The pyfunc is for serving only. Our own commands (promote, index, search) read a logged
+model as data with `load_urbancross`: MLmodel and config as YAML, weights with
+`torch.load(weights_only=True)`; `python_model.pkl` (cloudpickle) is never unpickled, so
+whoever can write to the registry's artifact store cannot run code in them.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
+import yaml
 
 from urbancross.config import Config, load_config, save_config
 from urbancross.data.manifest import decode_image
@@ -59,14 +65,17 @@ class UrbanCrossPyfunc(mlflow.pyfunc.PythonModel):
         given = [c for c in ("text", "image") if c in model_input.columns and model_input[c].notna().all()]
         if len(given) != 1:
             raise ValueError(f"input needs exactly one of the columns `text` or `image` (no nulls); got {list(model_input.columns)}")
+        if given == ["text"]:
+            return embed_texts(self.model, self.tokenize, [str(t) for t in model_input["text"]])
         with torch.no_grad():
-            if given == ["text"]:
-                tokens = torch.as_tensor(np.asarray(self.tokenize([str(t) for t in model_input["text"]])))
-                out = self.model.encode_text(tokens)
-            else:
-                images = [self.transform(decode_image(bytes(b), f"input row {i}")) for i, b in enumerate(model_input["image"])]
-                out = embed_images(self.model, torch.stack([torch.as_tensor(np.asarray(x)) for x in images]))
-        return out.float().numpy()
+            images = [self.transform(decode_image(bytes(b), f"input row {i}")) for i, b in enumerate(model_input["image"])]
+            return embed_images(self.model, torch.stack([torch.as_tensor(np.asarray(x)) for x in images])).float().numpy()
+
+
+@torch.no_grad()
+def embed_texts(model, tokenize, texts: list[str]) -> np.ndarray:
+    """Query vectors [N, D] (float32), as the served model returns them for a `text` column."""
+    return model.encode_text(torch.as_tensor(np.asarray(tokenize(texts)))).float().numpy()
 
 
 def log_model(model_path: str, cfg: Config, name: str = "model") -> str:
@@ -92,8 +101,29 @@ def log_model(model_path: str, cfg: Config, name: str = "model") -> str:
 
 
 def load_urbancross(model_uri: str):
-    """`models:/...` or `runs:/...` -> (UrbanCrossModel in eval mode, its Config)."""
-    wrapper = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    if not isinstance(wrapper, UrbanCrossPyfunc):
-        raise TypeError(f"{model_uri}: not an UrbanCross model (python_model is {type(wrapper).__name__})")
-    return wrapper.model, wrapper.cfg
+    """`models:/...` or `runs:/...` -> (UrbanCrossModel in eval mode, its Config), read as data.
+
+    Downloads the logged model and reads only MLmodel (YAML), the config artifact (YAML, with
+    the config loader's limits) and the weights (`create_model`: `torch.load(weights_only=True)`);
+    the pickled python_model and the shipped code are not loaded.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        weights, config = _artifact_paths(local, model_uri)
+        cfg = load_config(str(config))
+        model = create_model(cfg.model, pretrained=str(weights)).eval()
+    return model, cfg
+
+
+def _artifact_paths(local: Path, model_uri: str) -> tuple[Path, Path]:
+    """The weights and config files a model logged by `log_model` names in its MLmodel."""
+    try:
+        meta = yaml.safe_load((local / "MLmodel").read_text(encoding="utf-8"))
+        artifacts = meta["flavors"]["python_function"]["artifacts"]
+        paths = [(local / artifacts[key]["path"]).resolve() for key in ("weights", "config")]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError) as e:
+        raise TypeError(f"{model_uri}: not an UrbanCross model (MLmodel has no weights/config artifacts: {e!r})") from None
+    for path in paths:
+        if not path.is_relative_to(local.resolve()) or not path.is_file():
+            raise TypeError(f"{model_uri}: not an UrbanCross model (artifact {path.name} missing or outside the model)")
+    return paths[0], paths[1]

@@ -77,8 +77,11 @@ class Refiner:
             raise ConfigError(f"preprocess.refine.model_dir: no such folder {self.cfg.model_dir!r}")
         self.processor = AutoProcessor.from_pretrained(self.cfg.model_dir, local_files_only=True)
         self.processor.tokenizer.padding_side = "left"  # decoder-only models generate after the prompt
-        self.model = AutoModelForImageTextToText.from_pretrained(self.cfg.model_dir, local_files_only=True).eval()
-        if self.cfg.num_gpus > 0 and torch.cuda.is_available():
+        gpu = self.cfg.num_gpus > 0 and torch.cuda.is_available()
+        bf16 = self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and gpu)
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
+        self.model = AutoModelForImageTextToText.from_pretrained(self.cfg.model_dir, local_files_only=True, dtype=self.dtype).eval()
+        if gpu:
             self.model.to("cuda")
 
     def _prompt(self, text: str) -> str:
@@ -90,7 +93,7 @@ class Refiner:
     @torch.no_grad()
     def generate(self, images: list[Image.Image], prompts: list[str]) -> list[str]:
         inputs = self.processor(images=images, text=[self._prompt(p) for p in prompts], return_tensors="pt", padding=True)
-        inputs = inputs.to(self.model.device)
+        inputs = inputs.to(self.model.device, dtype=self.dtype)  # dtype: floating inputs only (the pixels)
         ids = self.model.generate(**inputs, max_new_tokens=self.cfg.max_new_tokens, do_sample=False)
         prompt_ids = inputs["input_ids"]
         if ids.shape[1] >= prompt_ids.shape[1] and torch.equal(ids[:, : prompt_ids.shape[1]], prompt_ids):

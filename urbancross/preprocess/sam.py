@@ -1,11 +1,16 @@
-"""SAM stage: ten caption-relevant segments per image, as the UrbanCross pipeline picks them.
+"""SAM stage: ten segments per image, picked from the image alone wherever it can be evaluated.
 
-SAM's automatic mask generator proposes masks; the `keep_largest` largest (by area) are
-scored against the image's captions with the CLIP model, and the `num_segments` best are
-kept, each stored as an image with the background painted white (the reference's choice)
-or cropped to the mask's box. Images with too few masks are filled from a fixed grid of
-boxes, so every row has exactly `num_segments` segments; `num_real_segments` says how
-many came from SAM.
+SAM's automatic mask generator proposes masks; of the `keep_largest` largest (by area) the
+`num_segments` best are kept, each stored as an image with the background painted white (the
+reference's choice) or cropped to the mask's box. Images with too few masks are filled from
+a fixed grid of boxes, so every row has exactly `num_segments` segments; `num_real_segments`
+says how many came from SAM (the model masks the rest out).
+
+"Best" is SAM's own quality, predicted IoU x stability score (ties: larger area): a function
+of the image, so a test image's segments, and so its embedding, never depend on its captions
+-- a gallery must not see its queries. The UrbanCross pipeline ranks by CLIP similarity to
+the row's captions; `preprocess.sam.selection: caption` does that, for training rows only
+(`data.train_split`); every other row is still ranked by quality.
 """
 
 from __future__ import annotations
@@ -43,7 +48,11 @@ def load_sam(model_type: str, checkpoint: str):
     """SAM of `model_type` with weights from the local file `checkpoint` (never downloaded)."""
     if not os.path.isfile(checkpoint):
         raise ConfigError(f"preprocess.sam.checkpoint: no such file {checkpoint!r}")
-    return sam_builders()[model_type](checkpoint=checkpoint)
+    sam = sam_builders()[model_type](checkpoint=None)
+    # loaded here, not by segment_anything's builders: theirs is a bare torch.load(f), which
+    # unpickles arbitrary code if TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set or torch is < 2.6
+    sam.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    return sam
 
 
 def resolve_checkpoint(cfg: Config) -> str:
@@ -103,16 +112,26 @@ def paint_segment(image: np.ndarray, mask: np.ndarray, style: str, size: int) ->
     return Image.fromarray(out).resize((size, size), Image.BILINEAR)
 
 
+def mask_quality(mask: dict) -> float:
+    """SAM's own confidence in a mask record: predicted IoU x stability score (1 where absent)."""
+    return float(mask.get("predicted_iou", 1.0)) * float(mask.get("stability_score", 1.0))
+
+
 def select_segments(
-    image: np.ndarray, masks: list[np.ndarray], captions: list[str], score: Scorer, cfg: SamConfig
+    image: np.ndarray, masks: list[dict], cfg: SamConfig, score: Callable[[list[Image.Image]], np.ndarray] | None = None
 ) -> tuple[list[Image.Image], int]:
-    """(segments, how many are real SAM masks): largest masks -> best by score -> grid fill."""
-    areas = [int(m.sum()) for m in masks]
+    """(segments, how many are real SAM masks): largest masks -> best -> grid fill.
+
+    `masks` are SAM's records (`segmentation`, `predicted_iou`, `stability_score`). Best =
+    highest `score(candidates)` when given (caption-guided), else `mask_quality`; ties go to
+    the larger mask.
+    """
+    areas = [int(m["segmentation"].sum()) for m in masks]
     kept = [masks[i] for i in largest(areas, cfg.keep_largest) if areas[i] > 0]
-    candidates = [paint_segment(image, m, cfg.style, cfg.segment_size) for m in kept]
+    candidates = [paint_segment(image, m["segmentation"], cfg.style, cfg.segment_size) for m in kept]
     if len(candidates) > cfg.num_segments:
-        scores = np.asarray(score(candidates, captions), dtype=np.float64)
-        candidates = [candidates[i] for i in best(scores.tolist(), cfg.num_segments)]
+        scores = [mask_quality(m) for m in kept] if score is None else np.asarray(score(candidates), dtype=np.float64).tolist()
+        candidates = [candidates[i] for i in best(scores, cfg.num_segments)]
     real = len(candidates)
     h, w = image.shape[:2]
     fill = [paint_segment(image, m, cfg.style, cfg.segment_size) for m in grid_masks(h, w, cfg.num_segments - real)]
@@ -141,7 +160,10 @@ class ClipScorer:
 
 
 class Segmenter:
-    """SAM + CLIP selection for a batch of decoded images; output column values per row."""
+    """SAM + selection for a batch of decoded images; output column values per row.
+
+    Caption-guided (CLIP) ranking only with `selection: caption` and only for training rows.
+    """
 
     needs_image = True
 
@@ -159,14 +181,21 @@ class Segmenter:
         )
         device = "cuda" if sam.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.generator.predictor.model.to(device)
-        self.score = ClipScorer(cfg.model, device)
+        self.train_split = cfg.data.train_split
+        self.score = ClipScorer(cfg.model, device) if sam.selection == "caption" else None
+
+    def scorer(self, row: dict) -> Callable[[list[Image.Image]], np.ndarray] | None:
+        """CLIP against the row's captions for a training row in caption mode; else None (quality)."""
+        if self.score is None or row.get("split") != self.train_split:
+            return None
+        captions = [str(c) for c in row["captions"]]
+        return lambda candidates: self.score(candidates, captions)
 
     @torch.no_grad()
     def process(self, images: list[Image.Image], rows: list[dict]) -> list[dict]:
         out = []
         for img, row in zip(images, rows):
             arr = np.asarray(img.convert("RGB"))
-            masks = [m["segmentation"] for m in self.generator.generate(arr)]
-            segments, real = select_segments(arr, masks, [str(c) for c in row["captions"]], self.score, self.cfg)
+            segments, real = select_segments(arr, self.generator.generate(arr), self.cfg, self.scorer(row))
             out.append({"segments": [encode_png(s) for s in segments], "num_real_segments": real})
         return out

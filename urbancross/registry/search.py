@@ -1,7 +1,8 @@
 """Text -> image search over an embedding index built with a registered model.
 
 The index is one Parquet file (`image_id`, `domain`, `vector`), built by Ray Data batch
-inference: each actor loads the pyfunc model once (from `models:/NAME@alias`, `runs:/...`)
+inference: each actor loads the logged model once (from `models:/NAME@alias`, `runs:/...`;
+weights and config read as data, `pyfunc.load_urbancross`)
 and embeds images exactly as evaluation does (`model.embed.embed_rows`). The file
 records which model built it, and a query is refused if the dimensions disagree.
 """
@@ -20,8 +21,9 @@ from urbancross.atomic import write_file
 from urbancross.config import Config
 from urbancross.data.manifest import filter_rows, read_manifest
 from urbancross.model.embed import actor_map, embed_rows, numpy_batches
+from urbancross.model.factory import get_tokenizer
 from urbancross.model.inputs import ModelInputs
-from urbancross.model.pyfunc import load_urbancross
+from urbancross.model.pyfunc import embed_texts, load_urbancross
 from urbancross.tracking import configure
 
 log = logging.getLogger(__name__)
@@ -99,11 +101,9 @@ def top_k(vectors: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, n
 
 def search(model_uri: str, index: str, query: str, top: int = 5) -> list[dict[str, Any]]:
     """The `top` images of `index` for a text query, best first: `image_id`, `domain`, `score`."""
-    import mlflow
-    import pandas as pd
-
     ids, domains, vectors, built_with = read_index(index)
-    qvec = np.asarray(mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"text": [query]})), dtype=np.float32)[0]
+    model, model_cfg = load_urbancross(model_uri)  # weights as data, never the pickled pyfunc
+    qvec = embed_texts(model, get_tokenizer(model_cfg.model), [query])[0]
     if qvec.shape[0] != vectors.shape[1]:
         raise ValueError(
             f"{index}: vectors have {vectors.shape[1]} dims but {model_uri} embeds into {qvec.shape[0]} "

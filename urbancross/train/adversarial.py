@@ -1,4 +1,11 @@
-"""Weighted adversarial fine-tuning (UrbanCross stage 2), done as the paper describes.
+"""Weighted adversarial fine-tuning (UrbanCross stage 2), as the paper and its reference code do it.
+
+Each step ranks the source batch by target-likeness (its captions' similarity to the target
+batch's), keeps the most target-like share -- growing over the passes, 20% -> 100% by default,
+as the reference's `0.2 + 0.2 * cycle` -- trains retrieval on the kept rows, and weights each
+kept row's term of the adversarial (domain) loss by its target-likeness, as the reference's
+`AdversarialLoss` weights `log p` per source sample. `adapt.weighted_term=retrieval` (an
+earlier variant of this code) puts the weights on the retrieval loss instead.
 
 Fixes over the public reference code: a real gradient-reversal layer (the encoders learn to
 *fool* the discriminator), a discriminator sized from the embedding dimension, weights
@@ -64,11 +71,20 @@ class DomainDiscriminator(nn.Module):
         return self.net(x).squeeze(-1)
 
 
-def domain_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(BCE loss, accuracy) of domain logits against 0/1 labels."""
-    loss = F.binary_cross_entropy_with_logits(logits, labels)
+def domain_loss(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(BCE loss, accuracy) of domain logits against 0/1 labels.
+
+    The loss is the mean over the two domains of each domain's (`weights`-)weighted mean BCE,
+    as the reference's `-(mean(W log p_s) + mean(log(1 - p_t)))` up to the factor 2: the share
+    of kept source rows changes over the passes, the balance of the two domains does not.
+    """
+    per = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    w = torch.ones_like(per) if weights is None else weights.to(per)
+    parts = [(per * w * m).sum() / (w * m).sum().clamp_min(1e-12) for m in ((labels == 0).to(per), (labels == 1).to(per)) if m.any()]
     acc = ((logits > 0).float() == labels).float().mean()
-    return loss, acc.detach()
+    return torch.stack(parts).mean(), acc.detach()
 
 
 # --------------------------------------------------------------------------- schedules
@@ -96,29 +112,17 @@ def adversarial_weight(progress: float, schedule: str, max_weight: float, gamma:
     raise ValueError(f"unknown adversarial schedule {schedule!r}; expected constant, linear or dann")
 
 
-def selection_window(
-    epoch: int, epochs: int, select_fraction: float, slices: int = 5, length: float = 1.0, enabled: bool = True
-) -> tuple[float, float]:
-    """The fine-tuning curriculum: which slice of the target-likeness ranking a pass uses.
-
-    Ranks are fractions of a batch, 0 = most target-like. The window has width
-    `select_fraction`; over the passes its start moves through `slices` evenly spaced
-    positions from 0 (easiest) to `1 - select_fraction` (hardest), reaching the last after
-    `length` of the passes. With select_fraction=0.2 and 5 slices these are the quintiles.
-    """
-    if not enabled or slices <= 1 or epochs <= 1:
-        return 0.0, select_fraction
-    t = min(1.0, epoch / max(length * (epochs - 1), 1e-9))
-    k = round(t * (slices - 1))
-    start = (1.0 - select_fraction) * k / (slices - 1)
-    return start, start + select_fraction
+def kept_share(epoch: int, start: float, growth: float, enabled: bool = True) -> float:
+    """The fine-tuning curriculum: the share of each source batch pass `epoch` keeps, easiest
+    (most target-like) first: `start + growth * epoch`, capped at 1 (the reference: 0.2 + 0.2 c)."""
+    return min(1.0, start + growth * epoch) if enabled else start
 
 
 class AdaptSchedule:
     """Stage 2's schedule, one object for every loop that adapts (Ray Train, bench controls).
 
-    From `adapt` settings and the optimizer steps in one pass over the source: the selection
-    window of a pass (`window(epoch)`), and at step `i` of that pass the adversarial weight
+    From `adapt` settings and the optimizer steps in one pass over the source: the kept share
+    of a pass (`share(epoch)`), and at step `i` of that pass the adversarial weight
     (`weight(epoch, i)`, progress = (epoch + min(i / steps_per_epoch, 1)) / epochs) and what
     optimizer step number `global_step` trains (`phase(global_step)`).
     """
@@ -127,9 +131,9 @@ class AdaptSchedule:
         self.cfg = cfg
         self.steps_per_epoch = max(1, int(steps_per_epoch))
 
-    def window(self, epoch: int) -> tuple[float, float]:
+    def share(self, epoch: int) -> float:
         a = self.cfg
-        return selection_window(epoch, a.epochs, a.select_fraction, a.slices, a.curriculum_length, a.curriculum)
+        return kept_share(epoch, a.select_fraction, a.select_growth, a.curriculum)
 
     def weight(self, epoch: int, i: int) -> float:
         a = self.cfg
@@ -149,26 +153,24 @@ def target_likeness(source_text: torch.Tensor, target_text: torch.Tensor) -> tor
     return (s @ t.T).mean(dim=1)
 
 
-def select_and_weight(scores: torch.Tensor, window: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of the `window` slice of the ranking (most similar first) and their weights.
+def select_and_weight(scores: torch.Tensor, share: float, floor: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """The most similar `share` of the rows (at least one; most similar first) and their weights.
 
-    Weights: the selected similarities min-max scaled to [0, 1], then normalised to mean 1
-    (all equal -> all 1); detached, so weighting never trains the scorer.
+    Weights: the kept similarities min-max scaled into [`floor`, 1], then normalised to mean 1
+    (all equal -> all 1). `floor` > 0 never zeroes a kept row; `floor` = 0 is the reference's
+    exact scaling, where the least similar kept row gets 0. Detached: weighting never trains
+    the scorer.
     """
     scores = scores.detach()
     n = scores.shape[0]
     order = torch.argsort(scores, descending=True, stable=True)
-    lo = min(n - 1, int(math.floor(window[0] * n + 1e-9)))
-    count = max(1, int(round((window[1] - window[0]) * n)))
-    idx = order[lo : lo + count]
+    idx = order[: max(1, int(math.floor(share * n + 1e-9)))]
     s = scores[idx].float()
     span = s.max() - s.min()
     if span <= 1e-12:
-        w = torch.ones_like(s)
-    else:
-        w = (s - s.min()) / span
-        w = w * (len(w) / w.sum())
-    return idx, w
+        return idx, torch.ones_like(s)
+    w = floor + (1.0 - floor) * (s - s.min()) / span
+    return idx, w * (len(w) / w.sum())
 
 
 def take_rows(out: dict, idx: torch.Tensor, batch: int) -> dict:
@@ -209,7 +211,7 @@ class AdaptObjective(nn.Module):
         source: dict,
         target: dict | None = None,
         adv_weight: float = 0.0,
-        window: tuple[float, float] = (0.0, 1.0),
+        share: float = 1.0,
         phase: str = "grl",
         embed: bool = False,
     ):
@@ -219,27 +221,31 @@ class AdaptObjective(nn.Module):
         s_out = _run(self.model, source)
         t_out = _run(self.model, target)
         likeness = target_likeness(s_out["text"], t_out["text"])
-        idx, w = select_and_weight(likeness, window)
+        idx, w = select_and_weight(likeness, share, self.cfg.weight_floor)
         sel = take_rows(s_out, idx, source["images"].shape[0])
-        ret, _ = retrieval_loss(sel, self.loss_cfg, weights=w.to(sel["fused"].dtype))
-        if self.cfg.use_target_captions:
-            ret = ret + retrieval_loss(t_out, self.loss_cfg)[0]
+        on_domain = self.cfg.weighted_term == "domain"
+        labels = source.get("label")
+        ret, _ = retrieval_loss(sel, self.loss_cfg, weights=None if on_domain else w.to(sel["fused"].dtype),
+                                labels=None if labels is None else labels[idx])
+        if self.cfg.use_target_captions:  # the labelled-target setting: its scene classes too
+            ret = ret + retrieval_loss(t_out, self.loss_cfg, labels=target.get("label"))[0]
 
         keys = ("fused", "text") if self.cfg.disc_inputs == "image_text" else ("fused",)
         src = torch.cat([sel[k] for k in keys])
         tgt = torch.cat([t_out[k] for k in keys])
         feats = torch.cat([src, tgt])
         labels = torch.cat([torch.zeros(len(src)), torch.ones(len(tgt))]).to(feats.device, feats.dtype)
+        row_w = torch.cat([w.repeat(len(keys)), torch.ones(len(tgt), device=w.device)]) if on_domain else None
         if phase == "grl":
-            d_loss, acc = domain_loss(self.disc(grad_reverse(feats, adv_weight)), labels)
+            d_loss, acc = domain_loss(self.disc(grad_reverse(feats, adv_weight)), labels, row_w)
             total = ret + d_loss
         elif phase == "disc":
-            d_loss, acc = domain_loss(self.disc(feats.detach()), labels)
+            d_loss, acc = domain_loss(self.disc(feats.detach()), labels, row_w)
             total = ret + d_loss
         elif phase == "encoder":
             frozen = {n: p.detach() for n, p in self.disc.named_parameters()}
             logits = torch.func.functional_call(self.disc, frozen, (feats,))
-            d_loss, fooled = domain_loss(logits, 1.0 - labels)
+            d_loss, fooled = domain_loss(logits, 1.0 - labels, row_w)
             acc = 1.0 - fooled  # logged against the true labels, like the other phases
             total = ret + adv_weight * d_loss
         else:
@@ -250,6 +256,7 @@ class AdaptObjective(nn.Module):
             "disc_acc": acc,
             "selected_likeness": likeness[idx].mean(),
             "weight_max": w.max(),
+            "kept": torch.tensor(float(len(idx))),
         }
         return total, logs
 

@@ -61,12 +61,17 @@ def margin_difficulty(image: torch.Tensor, text: torch.Tensor) -> np.ndarray:
 def pacing_fraction(epoch: int, epochs: int, pacing: str, start_fraction: float, length: float) -> float:
     """Share of the data (easiest first) that epoch `epoch` (0-based) of `epochs` draws from.
 
-    With progress t = min(1, epoch / (length * epochs)) and start s0:
-    linear s0 + (1 - s0) t; root sqrt(s0^2 + (1 - s0^2) t) (Platanios et al. 2019);
-    geometric s0^(1 - t) (exponential growth from s0 to 1). All give s0 at t=0 and 1 at t=1.
+    The ramp spans the first n = ceil(length * epochs) epochs and its last epoch (n - 1) sees
+    all the data, whatever `length` (with n = 1 there is no ramp). With progress
+    t = min(1, epoch / (n - 1)) and start s0: linear s0 + (1 - s0) t; root
+    sqrt(s0^2 + (1 - s0^2) t) (Platanios et al. 2019); geometric s0^(1 - t) (exponential
+    growth from s0 to 1). All give s0 at t=0 and 1 at t=1.
     """
-    t = min(1.0, epoch / max(length * epochs, 1e-9))
+    ramp = max(1, math.ceil(length * epochs - 1e-9))
+    t = min(1.0, epoch / (ramp - 1)) if ramp > 1 else 1.0
     s0 = start_fraction
+    if pacing in ("linear", "root", "geometric") and t >= 1.0:
+        return 1.0  # exactly: root's sqrt(s0^2 + (1 - s0^2)) can round just below 1
     if pacing == "linear":
         frac = s0 + (1.0 - s0) * t
     elif pacing == "root":

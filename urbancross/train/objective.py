@@ -49,4 +49,4 @@ class RetrievalObjective(nn.Module):
         if embed:
             return embed_batch(self.model, batch)
         out = self.model(batch["images"], batch["tokens"], batch.get("segments"), batch.get("segment_mask"))
-        return retrieval_loss(out, self.loss_cfg)
+        return retrieval_loss(out, self.loss_cfg, labels=batch.get("label"))

@@ -1,0 +1,70 @@
+"""Disk full while writing a manifest or a checkpoint: the previous version stays whole and
+nothing half-written is left behind. ENOSPC is raised by a fake at the writer (a size-limited
+mount needs privileges a test run may not have)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import types
+
+import pyarrow.parquet as pq
+import pytest
+
+from urbancross.data.manifest import read_manifest, to_table, write_manifest
+from urbancross.train import loop
+
+
+def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def rows(n: int) -> list[dict]:
+    return [{"image_id": f"i{i}", "image": b"x", "captions": ["a caption"], "domain": "A", "split": "train"} for i in range(n)]
+
+
+def test_disk_full_while_rewriting_a_manifest_keeps_the_old_one(tmp_path, monkeypatch):
+    out = str(tmp_path / "manifest")
+    write_manifest(to_table(rows(3)), out)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_manifest(to_table(rows(5)), out, overwrite=True)
+    assert read_manifest(out).num_rows == 3
+    assert sorted(os.listdir(tmp_path)) == ["manifest"]  # no staging folder left
+
+
+class FullDiskEngine:
+    """Writes part of a checkpoint, then the disk is full."""
+
+    def save_checkpoint(self, folder, tag, client_state):
+        with open(os.path.join(folder, "half.pt"), "wb") as f:
+            f.write(b"x" * 1000)
+        disk_full()
+
+
+def test_disk_full_while_saving_an_epoch_keeps_the_previous_checkpoint(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "epoch_000001").mkdir(parents=True)
+    (ckpts / "epoch_000001" / "state.pt").write_bytes(b"epoch 1")
+    w = types.SimpleNamespace(rank=0, name="train", local_checkpoints=str(ckpts))
+    with pytest.raises(OSError, match="No space left"):
+        loop.save_and_report(FullDiskEngine(), w, {"epoch": 2}, {"epoch": 2})
+    assert sorted(os.listdir(ckpts)) == ["epoch_000001"]  # no half epoch 2 beside it
+    assert (ckpts / "epoch_000001" / "state.pt").read_bytes() == b"epoch 1"
+
+
+def test_disk_full_while_staging_for_ray_leaves_nothing_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    w = types.SimpleNamespace(rank=1, name="train", local_checkpoints=None)
+    with pytest.raises(OSError, match="No space left"):
+        loop.save_and_report(FullDiskEngine(), w, {"epoch": 2}, {"epoch": 2})
+    assert os.listdir(tmp_path / "urbancross-ckpt") == []
+
+
+def test_each_save_stages_in_its_own_folder(tmp_path, monkeypatch):
+    """Tune trials on one node all run Train runs named `train`: their ranks must not share a folder."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    first, second, other_rank = loop.staging_dir(0), loop.staging_dir(0), loop.staging_dir(1)
+    assert len({first, second, other_rank}) == 3
+    assert all(os.path.isdir(p) and not os.listdir(p) for p in (first, second, other_rank))
+    assert os.path.basename(other_rank).startswith("rank1-")
