@@ -5,7 +5,8 @@
 Fast single-process loops (no Ray), so that several variants fit in minutes: per seed, trains
 one source model on `--sources` (plain PyTorch, the library's model and loss), then adapts a
 copy of it to `data.target_domain` with `AdaptObjective` -- the exact stage-2 module the Ray
-loop runs -- once per variant, and prints test mR per country as mean +- sd over the seeds,
+loop runs, on the stages' learning-rate curves (warm-up + cosine to `train.lr` / `adapt.lr`) --
+once per variant, and prints test mR per country as mean +- sd over the seeds,
 with chance. The benchmark (synth.seed) is the same for every seed; the seed sets the model's
 initialisation, the batch order and the augmentation. Rows:
 
@@ -44,6 +45,7 @@ from urbancross.model.embed import embed_table, numpy_batches
 from urbancross.model.factory import create_model
 from urbancross.model.inputs import ModelInputs
 from urbancross.train.adversarial import AdaptObjective, AdaptSchedule
+from urbancross.train.lr_schedule import lr_factor
 
 VARIANTS = {
     "plain fine-tune (control)": ["adapt.max_weight=0", "adapt.select_fraction=1.0", "adapt.curriculum=false", "adapt.weight_floor=1.0"],
@@ -65,6 +67,8 @@ def train_source(cfg, table: pa.Table):
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    total = cfg.train.epochs * math.ceil(table.num_rows / cfg.train.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, cfg.train.lr_schedule))  # as the Ray loop
     for epoch in range(cfg.train.epochs):
         for b in batches(cfg, table, epoch, cfg.seed):
             loss, _ = retrieval_loss(model(b["images"], b["tokens"]), cfg.loss)
@@ -72,6 +76,7 @@ def train_source(cfg, table: pa.Table):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             opt.step()
+            sched.step()
     return model
 
 
@@ -86,6 +91,8 @@ def adapt(cfg, model, source: pa.Table, target: pa.Table):
     opt = torch.optim.AdamW([{"params": module.model.parameters(), "lr": a.lr}, {"params": module.disc.parameters(), "lr": a.disc_lr}],
                             weight_decay=cfg.train.weight_decay)
     schedule = AdaptSchedule(a, steps_per_epoch=math.ceil(source.num_rows / cfg.train.batch_size))
+    total = a.epochs * schedule.steps_per_epoch  # the model's lr follows adapt.lr_schedule, the discriminator's is constant
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda step: lr_factor(step, total, a.lr_schedule), lambda step: 1.0])
     step = 0
     for epoch in range(a.epochs):
         accuracy = []
@@ -98,6 +105,7 @@ def adapt(cfg, model, source: pa.Table, target: pa.Table):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
             opt.step()
+            sched.step()
             step += 1
     return module.model, float(np.mean(accuracy))
 
@@ -113,7 +121,7 @@ def arguments(doc: str, out: str) -> argparse.ArgumentParser:
     ap.add_argument("--sources", default="Finland", help="comma-separated source countries")
     ap.add_argument("--images-per-domain", type=int, default=300)
     ap.add_argument("--test-fraction", type=float, default=0.5)
-    ap.add_argument("--set", action="append", default=["train.epochs=40", "train.batch_size=32", "adapt.epochs=10", "adapt.lr=2e-4"],
+    ap.add_argument("--set", action="append", default=["train.epochs=40", "train.batch_size=32", "adapt.epochs=10"],
                     dest="overrides", metavar="KEY=VALUE", help="config overrides on urbancross/demo.yaml (after the defaults shown)")
     return ap
 

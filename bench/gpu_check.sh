@@ -36,7 +36,7 @@ else
     GPU=true; HALF=0.5; DEVICE=cuda; SCALE=1
     DEMO_SIZE=(--set train.epochs=10 --set adapt.epochs=3)
     REALSIZE_ONLY=()
-    BENCH_ARGS=(--gpu --images 256 --batch-size 32 --repeats 1)
+    BENCH_ARGS=(--gpu --images 256 --batch-size 32 --min-steps 20 --repeats 1)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/machine.txt"
     # the whole GPU's memory in use every 250 ms, from outside: the models run in Ray worker processes
     nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader,nounits -lms 250 > "$OUT/gpu_samples.csv" &

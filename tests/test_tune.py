@@ -170,6 +170,13 @@ def test_trial_and_best_config_round_trip(tmp_path):
     assert load_config(tmp_path / "best.yaml") == cfg
 
 
+def test_a_trial_scored_on_val_validates_every_epoch(tmp_path):
+    base = Config(out_dir=str(tmp_path)).override({"train.val_every": 5})
+    assert trial_config(base.to_dict(), {}, where="t").train.val_every == 1  # ASHA/PBT compare val_mR at every report
+    other = base.override({"tune.metric": "loss", "tune.mode": "min"})
+    assert trial_config(other.to_dict(), {}, where="t").train.val_every == 5
+
+
 def test_experiment_dir_and_mode(tmp_path):
     cfg = Config(out_dir=str(tmp_path))
     assert experiment_dir(cfg) == (tmp_path / "tune" / "sweep").resolve()

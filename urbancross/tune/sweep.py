@@ -76,8 +76,15 @@ def segment_ends(done: int, total: int, interval: int) -> list[int]:
 
 
 def trial_config(base: Mapping[str, Any], params: Mapping[str, Any], where: str) -> Config:
-    """The trial's config: the sweep's base config with the sampled params set and checked."""
-    return config_from_dict(dict(base), where).override(params, where)
+    """The trial's config: the sweep's base config with the sampled params set and checked.
+
+    A `val_*` metric needs validation in every reported epoch (the schedulers compare trials
+    at each report), so such a trial validates every epoch whatever `train.val_every` says.
+    """
+    cfg = config_from_dict(dict(base), where).override(params, where)
+    if cfg.tune.metric.startswith("val_") and cfg.train.val_every != 1:
+        cfg = cfg.override({"train.val_every": 1}, where)
+    return cfg
 
 
 def best_config(base: Config, params: Mapping[str, Any]) -> Config:
