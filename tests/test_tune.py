@@ -379,3 +379,16 @@ def test_pbt_sweep_with_real_training(ray_session, tmp_path):
     assert load_config(summary["best_config"]).train.curriculum.start_fraction == pytest.approx(
         summary["best_params"]["train.curriculum.start_fraction"]
     )
+
+
+def test_a_trial_is_scored_by_its_best_val_epoch():
+    from types import SimpleNamespace
+
+    from urbancross.tune.sweep import _trial_row
+
+    space = SimpleNamespace(params={})
+    result = SimpleNamespace(metrics={"val_mR": 20.0, "val_best_mR": 31.0, "loss": 1.5}, path="/x/t1", config={}, error=None)
+    assert _trial_row(result, "val_mR", space)["metric"] == 31.0  # the exported model is the best epoch's
+    assert _trial_row(result, "loss", space)["metric"] == 1.5
+    result.metrics = {"val_mR": 20.0}  # a stage that never validated twice: the last report
+    assert _trial_row(result, "val_mR", space)["metric"] == 20.0

@@ -289,11 +289,16 @@ def _log_summary(cfg: Config, parent_run_id: str, summary: dict, best_path: Path
 
 
 def _trial_row(result, metric: str, space: Space) -> dict:
-    """One trial's summary from its last report (metric None if it never reported)."""
+    """One trial's summary from its last report (metric None if it never reported).
+
+    For `val_mR` the trial's score is its best epoch's (`val_best_mR`): each stage exports its
+    best val epoch, so that is the model the trial's params give.
+    """
     last = result.metrics or {}
+    value = last.get("val_best_mR") if metric == "val_mR" and last.get("val_best_mR") is not None else last.get(metric)
     return {
         "trial_id": last.get("trial_id") or Path(result.path).name,
-        "metric": float(last[metric]) if last.get(metric) is not None else None,
+        "metric": float(value) if value is not None else None,
         "params": {k: result.config[k] for k in space.params if k in result.config},
         "iterations": last.get("training_iteration", 0),  # continues from the clone after a PBT exploit
         "error": str(result.error) if result.error else None,
