@@ -125,8 +125,15 @@ class StageActor:
 
             torch.set_num_threads(threads)
         self.stage = (factory or _stage_class(stage))(cfg)  # models load here: once per actor
+        self.seconds = 0.0  # time spent in __call__, for the bench
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        t0 = time.perf_counter()
+        out = self._call(batch)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def _call(self, batch: pa.Table) -> pa.Table:
         rows = batch.drop_columns([c for c in _HEAVY if c in batch.column_names]).to_pylist()
         images = batch["image"] if "image" in batch.column_names else None
         results: list[dict | None] = [None] * len(rows)
@@ -251,14 +258,18 @@ def with_status(table: pa.Table) -> pa.Table:
     return table
 
 
+def block_rows(cfg: Config) -> int:
+    pre = cfg.preprocess
+    return pre.block_rows or max(pre.sam.batch_size, pre.refine.batch_size)
+
+
 def stage_dataset(todo: pa.Table, cfg: Config, root: str, stages: dict[str, Callable] | None = None):
     """The Ray Dataset of `todo` rows through both stages (lazy; nothing runs until consumed)."""
     import ray.data
 
     stages = stages or {}
     pre = cfg.preprocess
-    rows = pre.block_rows or max(pre.sam.batch_size, pre.refine.batch_size)
-    blocks = [b for b in with_status(todo).to_batches(max_chunksize=rows)]  # small blocks: steady progress, pipelining
+    blocks = [b for b in with_status(todo).to_batches(max_chunksize=block_rows(cfg))]  # small blocks: steady progress, pipelining
     ray.data.DataContext.get_current().enable_progress_bars = pre.progress_bars
     dataset = ray.data.from_arrow([pa.Table.from_batches([b]) for b in blocks])
     for name, scfg in (("sam", pre.sam), ("refine", pre.refine)):
@@ -273,6 +284,29 @@ def stage_dataset(todo: pa.Table, cfg: Config, root: str, stages: dict[str, Call
             **extra,
         )
     return dataset
+
+
+class LocalStages:
+    """Both stages in this process, no Ray: the sequential baseline (bench) and the reference
+    the Ray path must match (tests). Call it on a block of `with_status` rows."""
+
+    def __init__(self, cfg: Config, root: str, stages: dict[str, Callable] | None = None):
+        stages = stages or {}
+        self.cfg = cfg.preprocess
+        self.sam = StageActor("sam", cfg, root, stages.get("sam"))
+        self.refine = StageActor("refine", cfg, root, stages.get("refine"))
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        for stage, n in ((self.sam, self.cfg.sam.batch_size), (self.refine, self.cfg.refine.batch_size)):
+            block = pa.concat_tables([stage(block.slice(i, n)) for i in range(0, block.num_rows, n)])
+        return block
+
+
+def local_blocks(todo: pa.Table, cfg: Config, root: str, stages: dict[str, Callable] | None = None):
+    """`stage_dataset`'s output blocks, computed in this process one block at a time, in order."""
+    run = LocalStages(cfg, root, stages)
+    for block in with_status(todo).to_batches(max_chunksize=block_rows(cfg)):
+        yield run(pa.Table.from_batches([block]))
 
 
 def split_status(block: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -370,7 +404,7 @@ def stage_plan(cfg: Config) -> str:
         f"threads {s.threads or 'torch default'}, batch {s.batch_size}"
         for n, s in (("sam", pre.sam), ("refine", pre.refine))
     )
-    return f"{stages}; block_rows {pre.block_rows or max(pre.sam.batch_size, pre.refine.batch_size)}"
+    return f"{stages}; block_rows {block_rows(cfg)}"
 
 
 def _summary(final, new, rejected, total, skipped, t0, map_seconds, out, timing) -> dict:
