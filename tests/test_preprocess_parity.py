@@ -3,6 +3,8 @@ per-row scoring it replaced, and the Ray Data pipeline vs the in-process sequent
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -25,13 +27,22 @@ def table(tmp_path_factory):
     return synthesize(SynthConfig(images_per_domain=3, domains=["Finland", "Spain"]), str(out))
 
 
-def _fake_masks(seed: int, n: int = 14):
+def _fake_masks(seed: int, n: int = 14, shape=(64, 64)):
     rng = np.random.default_rng(seed)
     return [
-        {"segmentation": rng.random((64, 64)) < rng.uniform(0.1, 0.9), "predicted_iou": rng.uniform(0.5, 1),
+        {"segmentation": rng.random(shape) < rng.uniform(0.1, 0.9), "predicted_iou": rng.uniform(0.5, 1),
          "stability_score": rng.uniform(0.5, 1)}
         for _ in range(n)
     ]
+
+
+class ManyMasks(Segmenter):
+    """The real stage with a SAM that proposes 14 masks per image (a function of its pixels):
+    the random tiny SAM proposes one at most, so CLIP ranking would never run."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.generator.generate = lambda arr: _fake_masks(zlib.crc32(arr.tobytes()), 14, arr.shape[:2])
 
 
 @torch.no_grad()
@@ -76,6 +87,9 @@ def test_batched_segmenter_gives_the_per_row_selection_bytes(table, tmp_path):
 
 @pytest.mark.ray
 def test_ray_path_writes_the_manifest_the_sequential_loop_computes(ray_session, table, tmp_path):
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(__import__(__name__))  # Ray workers cannot import this test module
     src, out = tmp_path / "in", tmp_path / "out"
     write_manifest(table, src)
     threads = torch.get_num_threads()
@@ -84,15 +98,23 @@ def test_ray_path_writes_the_manifest_the_sequential_loop_computes(ray_session, 
         "preprocess.sam.selection=caption", "preprocess.sam.batch_size=4", "preprocess.sam.threads=1",
         "preprocess.refine.batch_size=2", "preprocess.refine.threads=1", "preprocess.block_rows=4",
     ])
+    stages = {"sam": ManyMasks}
     try:
         resolved, _, _, root = resolve_paths(cfg)
-        local = pa.concat_tables([split_status(b)[0] for b in local_blocks(table, resolved, root)])
+        local = pa.concat_tables([split_status(b)[0] for b in local_blocks(table, resolved, root, stages)])
+        quality = resolved.override({"preprocess.sam.selection": "quality"})
+        by_quality = pa.concat_tables([split_status(b)[0] for b in local_blocks(table, quality, root, stages)])
     finally:
         torch.set_num_threads(threads)
-    summary = run_preprocess(cfg)
+    summary = run_preprocess(cfg, stages=stages)
     ray_out = read_manifest(out)
     local = in_order(local, table["image_id"].to_pylist())
     assert summary["rows_done"] == table.num_rows == local.num_rows and summary["startup_s"] > 0
+    assert set(local["num_real_segments"].to_pylist()) == {10}
     for col in ("image_id", "segments", "num_real_segments", "refined_captions", "image"):
         assert ray_out[col].to_pylist() == local[col].to_pylist(), col
     assert ray_out.equals(local)
+    # the ranking ran: training rows (only those) differ from the quality ranking
+    train = [s == "train" for s in table["split"].to_pylist()]
+    same = [a == b for a, b in zip(local["segments"].to_pylist(), by_quality["segments"].to_pylist())]
+    assert not any(s for s, t in zip(same, train) if t) and all(s for s, t in zip(same, train) if not t)

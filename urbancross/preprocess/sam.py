@@ -160,9 +160,11 @@ def select_segments(
 class ClipScorer:
     """Cosine similarity of each segment to the mean of the image's caption embeddings."""
 
-    def __init__(self, model_cfg: ModelConfig, device: str = "cpu"):
+    def __init__(self, model_cfg: ModelConfig, device: str = "cpu", seed: int = 0):
         self.device = device
-        self.model = create_model(model_cfg).eval().to(device)
+        with torch.random.fork_rng(devices=[]):  # without `pretrained` the model is random: the same one in every actor
+            torch.manual_seed(seed)
+            self.model = create_model(model_cfg).eval().to(device)
         self.tokenize = get_tokenizer(model_cfg)
         self.transform = image_transform(model_cfg, train=False)
 
@@ -209,7 +211,7 @@ class Segmenter:
         device = "cuda" if sam.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.generator.predictor.model.to(device)
         self.train_split = cfg.data.train_split
-        self.score = ClipScorer(cfg.model, device) if sam.selection == "caption" else None
+        self.score = ClipScorer(cfg.model, device, cfg.seed) if sam.selection == "caption" else None
         self.timings = {"sam": 0.0, "clip_scoring": 0.0}  # seconds spent, for the bench
 
     def scorer(self, row: dict) -> Callable[[list[Image.Image]], np.ndarray] | None:
