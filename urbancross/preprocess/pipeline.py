@@ -334,14 +334,19 @@ def _ensure_ray() -> None:
 
 
 def run_preprocess(
-    cfg: Config, *, stages: dict[str, Callable[[Config], Any]] | None = None, overwrite: bool = False
+    cfg: Config,
+    *,
+    stages: dict[str, Callable[[Config], Any]] | None = None,
+    overwrite: bool = False,
+    on_block: Callable[[int], None] | None = None,
 ) -> dict:
     """Preprocess the manifest; returns a JSON-able summary.
 
     `stages` optionally replaces a stage class by name (`sam`, `refine`): a callable
     `cfg -> object` with `needs_image` and `process(images, rows) -> [dict]`. The output must
     not overlap the input, and may exist only as a manifest (a previous run's: resumed)
-    unless `overwrite` (`manifest.check_output`).
+    unless `overwrite` (`manifest.check_output`). `on_block(rows)` is called after each output
+    block is journaled (the bench times block arrivals with it).
     """
     t0 = time.perf_counter()
     cfg, src, out, root = resolve_paths(cfg)
@@ -380,6 +385,8 @@ def run_preprocess(
             seen += block.num_rows
             timing["write_s"] += time.perf_counter() - now
             timing["steady_s"] = time.perf_counter() - t_first
+            if on_block is not None:
+                on_block(block.num_rows)
             rate = seen / max(time.perf_counter() - t_map, 1e-9)
             log.info("preprocess: %d/%d rows, %.1f img/s", len(done_ids) + seen, len(ids), rate)
     map_seconds = time.perf_counter() - t_map
