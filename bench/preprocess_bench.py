@@ -33,6 +33,28 @@ import uuid
 from pathlib import Path
 
 
+def stand_in_sam(masks: int):
+    """The SAM stage with a SAM that proposes `masks` masks per image (a function of its pixels):
+    the random tiny SAM proposes one at most, so CLIP ranking would never run."""
+    import zlib
+
+    import numpy as np
+
+    from urbancross.preprocess.sam import Segmenter
+
+    def generate(arr):
+        rng = np.random.default_rng(zlib.crc32(arr.tobytes()))
+        return [{"segmentation": rng.random(arr.shape[:2]) < rng.uniform(0.1, 0.9),
+                 "predicted_iou": rng.uniform(0.5, 1), "stability_score": rng.uniform(0.5, 1)} for _ in range(masks)]
+
+    class StandIn(Segmenter):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.generator.generate = generate  # SAM's forward is skipped: only selection, CLIP and PNGs remain
+
+    return StandIn
+
+
 class Clock:
     """Block arrival times; `steady()` = rows/s after the first `warmup` share of blocks."""
 
@@ -56,14 +78,14 @@ class Clock:
         return rows / (self.arrivals[-1][0] - self.arrivals[k - 1][0])
 
 
-def sequential(cfg, table, root: str, parts: Path, warmup: float) -> tuple[Clock, dict]:
+def sequential(cfg, table, root: str, parts: Path, warmup: float, stages: dict) -> tuple[Clock, dict]:
     """The loop: load both stages, then block by block through them and into the journal."""
     import pyarrow as pa
 
     from urbancross.preprocess.pipeline import LocalStages, _write_file_atomic, block_rows, split_status, with_status
 
     clock = Clock(warmup)
-    stages = LocalStages(cfg, root)
+    stages = LocalStages(cfg, root, stages)
     load_s = time.perf_counter() - clock.t0
     write_s = 0.0
     parts.mkdir(parents=True)
@@ -95,6 +117,9 @@ def main() -> None:
     ap.add_argument("--sam-concurrency", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=8, help="SAM and refine batch size, and rows per block")
     ap.add_argument("--points-per-side", type=int, default=4, help="SAM prompts per side (config default 4)")
+    ap.add_argument("--stand-in-masks", type=int, default=0,
+                    help="replace SAM's masks by this many random ones per image (0 = the tiny SAM, which finds at most one, "
+                         "so CLIP scoring never runs); > num_segments exercises CLIP ranking")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=float, default=0.1, help="share of blocks left out of the steady rate")
     ap.add_argument("--cpus", type=int, default=2, help="CPUs given to Ray")
@@ -139,14 +164,15 @@ def main() -> None:
     # actor that loads faster than the LMM one runs ahead during start-up and the blocks it
     # queued then arrive "for free", inflating the rate measured after the first blocks.
     ray.data.DataContext.get_current().wait_for_min_actors_s = 1800
+    stages = {"sam": stand_in_sam(args.stand_in_masks)} if args.stand_in_masks else {}
     seq, ray_runs, stage_ms = [], [], []
     for r in range(args.repeats):
         torch.set_num_threads(args.threads)
-        clock, ms = sequential(resolved, table, root, tmp / f"seq-{r}.parts", args.warmup)
+        clock, ms = sequential(resolved, table, root, tmp / f"seq-{r}.parts", args.warmup, stages)
         seq.append(clock)
         stage_ms.append(ms)
         clock = Clock(args.warmup)
-        run_preprocess(ray_cfg.override({"preprocess.output": str(tmp / f"ray-{r}")}), on_block=clock)
+        run_preprocess(ray_cfg.override({"preprocess.output": str(tmp / f"ray-{r}")}), stages=stages, on_block=clock)
         ray_runs.append(clock)
         print(f"repeat {r + 1}: sequential {seq[-1].steady():.2f} img/s (start-up {seq[-1].startup():.1f} s), "
               f"ray {clock.steady():.2f} img/s (start-up {clock.startup():.1f} s)", flush=True)
@@ -160,6 +186,7 @@ def main() -> None:
         "selection": args.selection,
         "threads": args.threads,
         "sam_concurrency": args.sam_concurrency,
+        "stand_in_masks": args.stand_in_masks,
         "batch_size": args.batch_size,
         "repeats": args.repeats,
         "sequential_images_per_s": round(seq_rate, 2),
