@@ -118,3 +118,24 @@ def test_ray_path_writes_the_manifest_the_sequential_loop_computes(ray_session, 
     train = [s == "train" for s in table["split"].to_pylist()]
     same = [a == b for a, b in zip(local["segments"].to_pylist(), by_quality["segments"].to_pylist())]
     assert not any(s for s, t in zip(same, train) if t) and all(s for s, t in zip(same, train) if not t)
+
+
+def test_threads_block_rows_and_plan_come_from_config(table, tmp_path):
+    from urbancross.preprocess.pipeline import StageActor, stage_plan
+
+    cfg = load_config(None, [
+        f"out_dir={tmp_path}", "preprocess.sam.threads=1", "preprocess.refine.threads=3", "preprocess.sam.batch_size=2",
+        "preprocess.refine.batch_size=5", "preprocess.block_rows=4", "preprocess.sam.concurrency=2",
+    ])
+    plan = stage_plan(cfg)
+    assert "sam: 2 actor(s) x 0.5 CPU 0 GPU, threads 1, batch 2" in plan and "threads 3, batch 5" in plan
+    assert plan.endswith("block_rows 4")
+    assert stage_plan(load_config()).endswith("threads torch default, batch 4; block_rows 8")
+    threads = torch.get_num_threads()
+    try:
+        StageActor("refine", cfg, "")
+        assert torch.get_num_threads() == 3
+        blocks = list(local_blocks(table, cfg, ""))  # passthrough refine; SAM on the tiny model
+        assert [b.num_rows for b in blocks] == [4, 2]
+    finally:
+        torch.set_num_threads(threads)
