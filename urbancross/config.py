@@ -176,7 +176,7 @@ class SamConfig(Section):
     num_cpus: float = num(0.5, ge=0)
     concurrency: int = num(1, ge=1)  # actors (each loads the models once)
     batch_size: int = num(8, ge=1)  # rows per map_batches call (SAM runs per image; CLIP scores per batch)
-    threads: int = num(0, ge=0)  # torch threads per actor (and in-process); 0 = leave torch's setting
+    threads: int = num(0, ge=0)  # torch threads per actor (and in-process); 0 = as set (Ray: OMP_NUM_THREADS = num_cpus, >= 1)
 
     def check(self) -> None:
         require(self.keep_largest >= self.num_segments, "keep_largest must be >= num_segments")
@@ -202,7 +202,7 @@ class RefineConfig(Section):
     num_cpus: float = num(0.5, ge=0)
     concurrency: int = num(1, ge=1)
     batch_size: int = num(4, ge=1)
-    threads: int = num(0, ge=0)  # torch threads per actor (and in-process); 0 = leave torch's setting
+    threads: int = num(0, ge=0)  # torch threads per actor (and in-process); 0 = as set (Ray: OMP_NUM_THREADS = num_cpus, >= 1)
 
     def check(self) -> None:
         require(self.min_chars <= self.max_chars, f"min_chars must be <= max_chars, got {self.min_chars} > {self.max_chars}")
