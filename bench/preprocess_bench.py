@@ -130,6 +130,7 @@ def main() -> None:
     load_start = os.getloadavg()
 
     import ray
+    import ray.data
     import torch
 
     from urbancross.config import load_config
