@@ -186,6 +186,7 @@ def main() -> None:
         "refine": args.refine,
         "selection": args.selection,
         "threads": args.threads,
+        "ray_threads": sam_threads * args.sam_concurrency + 1,  # less than threads when sam_concurrency does not divide threads - 1
         "sam_concurrency": args.sam_concurrency,
         "stand_in_masks": args.stand_in_masks,
         "batch_size": args.batch_size,
