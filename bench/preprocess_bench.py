@@ -191,6 +191,7 @@ def main() -> None:
         "stand_in_masks": args.stand_in_masks,
         "batch_size": args.batch_size,
         "repeats": args.repeats,
+        "steady_blocks": len(seq[0].arrivals) - max(1, math.ceil(args.warmup * len(seq[0].arrivals))),  # few = no steady state
         "sequential_images_per_s": round(seq_rate, 2),
         "ray_images_per_s": round(ray_rate, 2),
         "ray_over_sequential": round(ray_rate / seq_rate, 3),
