@@ -174,8 +174,9 @@ class SamConfig(Section):
     segment_size: int = num(64, ge=1)
     num_gpus: float = num(0.0, ge=0)
     num_cpus: float = num(0.5, ge=0)
-    concurrency: int = num(1, ge=1)
-    batch_size: int = num(8, ge=1)
+    concurrency: int = num(1, ge=1)  # actors (each loads the models once)
+    batch_size: int = num(8, ge=1)  # rows per map_batches call (SAM runs per image; CLIP scores per batch)
+    threads: int = num(0, ge=0)  # torch threads per actor (and in-process); 0 = as set (Ray: OMP_NUM_THREADS = num_cpus, >= 1)
 
     def check(self) -> None:
         require(self.keep_largest >= self.num_segments, "keep_largest must be >= num_segments")
@@ -201,6 +202,7 @@ class RefineConfig(Section):
     num_cpus: float = num(0.5, ge=0)
     concurrency: int = num(1, ge=1)
     batch_size: int = num(4, ge=1)
+    threads: int = num(0, ge=0)  # torch threads per actor (and in-process); 0 = as set (Ray: OMP_NUM_THREADS = num_cpus, >= 1)
 
     def check(self) -> None:
         require(self.min_chars <= self.max_chars, f"min_chars must be <= max_chars, got {self.min_chars} > {self.max_chars}")
@@ -215,6 +217,8 @@ class PreprocessConfig(Section):
     image_modes: tuple[str, ...] = ("RGB", "RGBA", "L", "P")  # PIL modes accepted
     min_image_side: int = num(16, ge=1)  # pixels; smaller images are rejected
     max_image_side: int = num(8192, ge=1)  # pixels; larger images are rejected
+    block_rows: int = num(0, ge=0)  # rows per Ray Data input block; 0 = the larger stage batch_size
+    progress_bars: bool = False  # Ray Data's progress bars (the job logs its own img/s per block)
     sam: SamConfig = field(default_factory=SamConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
 

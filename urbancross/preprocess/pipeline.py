@@ -101,28 +101,48 @@ def run_guarded(process: Callable[[list, list], list], items: list, rows: list) 
         return [run_guarded(process, [i], [r])[0] for i, r in zip(items, rows)]
 
 
+# Columns a stage never reads as Python objects: the encoded image (read only for live rows
+# that need it, as one buffer) and the segments (only the SAM stage writes them).
+_HEAVY = ("image", "segments")
+
+
 class StageActor:
     """Ray Data `map_batches` callable (batch_format="pyarrow") around one stage.
 
     Rows rejected by an earlier stage pass through untouched; this stage's rejects get
-    `reject_stage`/`reject_reason` set and their output columns left null.
+    `reject_stage`/`reject_reason` set and their output columns left null. Only this stage's
+    output and status columns are rebuilt: every other column (the image bytes above all)
+    goes back as the same Arrow buffers, never copied into Python objects or re-encoded.
     """
 
     def __init__(self, stage: str, cfg: Config, root: str, factory: Callable[[Config], Any] | None = None):
         self.name = stage
         self.cfg = cfg
         self.root = root
-        self.stage = (factory or _stage_class(stage))(cfg)
+        threads = getattr(cfg.preprocess, stage).threads
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.stage = (factory or _stage_class(stage))(cfg)  # models load here: once per actor
+        self.seconds = 0.0  # time spent in __call__, for the bench
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
+        t0 = time.perf_counter()
+        out = self._call(batch)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def _call(self, batch: pa.Table) -> pa.Table:
+        rows = batch.drop_columns([c for c in _HEAVY if c in batch.column_names]).to_pylist()
+        images = batch["image"] if "image" in batch.column_names else None
         results: list[dict | None] = [None] * len(rows)
         live, items = [], []
         for i, row in enumerate(rows):
             if row["reject_reason"] is not None:
                 continue
             try:
-                item = self._image(row) if self.stage.needs_image else None
+                item = self._image(row, images[i].as_py() if images is not None else None) if self.stage.needs_image else None
             except Exception as e:  # noqa: BLE001 - a bad image is a reject
                 self._reject(row, error_text(e))
                 continue
@@ -136,16 +156,17 @@ class StageActor:
                 results[i] = out
         return self._table(batch, rows, results)
 
-    def _image(self, row: dict):
+    def _image(self, row: dict, data: bytes | None):
         where = row.get("source") or str(row["image_id"])
-        return load_image(image_bytes(row, self.root), where, self.cfg.preprocess)
+        return load_image(image_bytes({**row, "image": data}, self.root), where, self.cfg.preprocess)
 
     def _reject(self, row: dict, reason: str) -> None:
         row["reject_stage"], row["reject_reason"] = self.name, reason
 
     def _table(self, batch: pa.Table, rows: list[dict], results: list[dict | None]) -> pa.Table:
         for col in (*STAGE_OUTPUTS[self.name], "reject_stage", "reject_reason"):
-            values = [res[col] if res is not None and col in res else row[col] for row, res in zip(rows, results)]
+            before = batch[col].to_pylist() if col in _HEAVY else [row[col] for row in rows]
+            values = [res[col] if res is not None and col in res else old for old, res in zip(before, results)]
             idx = batch.schema.get_field_index(col)
             batch = batch.set_column(idx, batch.schema.field(col), pa.array(values, type=batch.schema.field(col).type))
         return batch
@@ -237,15 +258,21 @@ def with_status(table: pa.Table) -> pa.Table:
     return table
 
 
+def block_rows(cfg: Config) -> int:
+    pre = cfg.preprocess
+    return pre.block_rows or max(pre.sam.batch_size, pre.refine.batch_size)
+
+
 def stage_dataset(todo: pa.Table, cfg: Config, root: str, stages: dict[str, Callable] | None = None):
     """The Ray Dataset of `todo` rows through both stages (lazy; nothing runs until consumed)."""
     import ray.data
 
     stages = stages or {}
-    rows = max(cfg.preprocess.sam.batch_size, cfg.preprocess.refine.batch_size)
-    blocks = [b for b in with_status(todo).to_batches(max_chunksize=rows)]  # small blocks: steady progress, pipelining
+    pre = cfg.preprocess
+    blocks = [b for b in with_status(todo).to_batches(max_chunksize=block_rows(cfg))]  # small blocks: steady progress, pipelining
+    ray.data.DataContext.get_current().enable_progress_bars = pre.progress_bars
     dataset = ray.data.from_arrow([pa.Table.from_batches([b]) for b in blocks])
-    for name, scfg in (("sam", cfg.preprocess.sam), ("refine", cfg.preprocess.refine)):
+    for name, scfg in (("sam", pre.sam), ("refine", pre.refine)):
         extra = {"num_gpus": scfg.num_gpus} if scfg.num_gpus > 0 else {}
         dataset = dataset.map_batches(
             StageActor,
@@ -257,6 +284,29 @@ def stage_dataset(todo: pa.Table, cfg: Config, root: str, stages: dict[str, Call
             **extra,
         )
     return dataset
+
+
+class LocalStages:
+    """Both stages in this process, no Ray: the sequential baseline (bench) and the reference
+    the Ray path must match (tests). Call it on a block of `with_status` rows."""
+
+    def __init__(self, cfg: Config, root: str, stages: dict[str, Callable] | None = None):
+        stages = stages or {}
+        self.cfg = cfg.preprocess
+        self.sam = StageActor("sam", cfg, root, stages.get("sam"))
+        self.refine = StageActor("refine", cfg, root, stages.get("refine"))
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        for stage, n in ((self.sam, self.cfg.sam.batch_size), (self.refine, self.cfg.refine.batch_size)):
+            block = pa.concat_tables([stage(block.slice(i, n)) for i in range(0, block.num_rows, n)])
+        return block
+
+
+def local_blocks(todo: pa.Table, cfg: Config, root: str, stages: dict[str, Callable] | None = None):
+    """`stage_dataset`'s output blocks, computed in this process one block at a time, in order."""
+    run = LocalStages(cfg, root, stages)
+    for block in with_status(todo).to_batches(max_chunksize=block_rows(cfg)):
+        yield run(pa.Table.from_batches([block]))
 
 
 def split_status(block: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -284,14 +334,19 @@ def _ensure_ray() -> None:
 
 
 def run_preprocess(
-    cfg: Config, *, stages: dict[str, Callable[[Config], Any]] | None = None, overwrite: bool = False
+    cfg: Config,
+    *,
+    stages: dict[str, Callable[[Config], Any]] | None = None,
+    overwrite: bool = False,
+    on_block: Callable[[int], None] | None = None,
 ) -> dict:
     """Preprocess the manifest; returns a JSON-able summary.
 
     `stages` optionally replaces a stage class by name (`sam`, `refine`): a callable
     `cfg -> object` with `needs_image` and `process(images, rows) -> [dict]`. The output must
     not overlap the input, and may exist only as a manifest (a previous run's: resumed)
-    unless `overwrite` (`manifest.check_output`).
+    unless `overwrite` (`manifest.check_output`). `on_block(rows)` is called after each output
+    block is journaled (the bench times block arrivals with it).
     """
     t0 = time.perf_counter()
     cfg, src, out, root = resolve_paths(cfg)
@@ -309,18 +364,29 @@ def run_preprocess(
     log.info("preprocess: %d rows, %d already done, %d to do -> %s", len(ids), len(done_ids), todo.num_rows, out)
 
     new, rejects, t_map = [], [], time.perf_counter()
+    timing = {"first_block_s": None, "steady_rows": 0, "steady_s": 0.0, "write_s": 0.0}
     if todo.num_rows:
         _ensure_ray()
+        log.info("preprocess: %s", stage_plan(cfg))
         fs, parts = resolve_fs(parts_path(out))
         fs.create_dir(parts, recursive=True)
-        seen = 0
+        seen, t_first = 0, None
         for block in stage_dataset(todo, cfg, root, stages).iter_batches(batch_size=None, batch_format="pyarrow"):
+            now = time.perf_counter()
+            if t_first is None:  # start-up: actors, model loads, the first block through both stages
+                t_first, timing["first_block_s"] = now, now - t_map
+            else:
+                timing["steady_rows"] += block.num_rows
             ok, rej = split_status(block)
             if ok.num_rows:
                 _write_file_atomic(ok, f"{parts_path(out)}/part-{uuid.uuid4().hex}.parquet")
             new.append(ok)
             rejects.append(rej)
             seen += block.num_rows
+            timing["write_s"] += time.perf_counter() - now
+            timing["steady_s"] = time.perf_counter() - t_first
+            if on_block is not None:
+                on_block(block.num_rows)
             rate = seen / max(time.perf_counter() - t_map, 1e-9)
             log.info("preprocess: %d/%d rows, %.1f img/s", len(done_ids) + seen, len(ids), rate)
     map_seconds = time.perf_counter() - t_map
@@ -334,10 +400,21 @@ def run_preprocess(
     fs, parts = resolve_fs(parts_path(out))
     if fs.get_file_info(parts).type == pafs.FileType.Directory:
         fs.delete_dir(parts)
-    return _summary(final, new, rejected, len(ids), len(done_ids), t0, map_seconds, out)
+    return _summary(final, new, rejected, len(ids), len(done_ids), t0, map_seconds, out, timing)
 
 
-def _summary(final, new, rejected, total, skipped, t0, map_seconds, out) -> dict:
+def stage_plan(cfg: Config) -> str:
+    """One line: per stage actors, CPUs, GPUs, torch threads and batch size; the block size."""
+    pre = cfg.preprocess
+    stages = "; ".join(
+        f"{n}: {s.concurrency} actor(s) x {s.num_cpus:g} CPU {s.num_gpus:g} GPU, "
+        f"threads {s.threads or 'torch default'}, batch {s.batch_size}"
+        for n, s in (("sam", pre.sam), ("refine", pre.refine))
+    )
+    return f"{stages}; block_rows {block_rows(cfg)}"
+
+
+def _summary(final, new, rejected, total, skipped, t0, map_seconds, out, timing) -> dict:
     processed = sum(t.num_rows for t in new)
     refined = sum(
         sum(r != c for r, c in zip(row["refined_captions"], row["captions"]))
@@ -359,6 +436,10 @@ def _summary(final, new, rejected, total, skipped, t0, map_seconds, out) -> dict
         "mean_real_segments": round(sum(real) / len(real), 3) if real else None,
         "seconds": round(time.perf_counter() - t0, 3),
         "images_per_s": round((processed + rejected.num_rows) / map_seconds, 3) if processed + rejected.num_rows else 0.0,
+        # after the first block (actor start-up, model loads, pipeline fill) has come back
+        "startup_s": None if timing["first_block_s"] is None else round(timing["first_block_s"], 3),
+        "steady_images_per_s": round(timing["steady_rows"] / timing["steady_s"], 3) if timing["steady_s"] > 0 else None,
+        "journal_write_s": round(timing["write_s"], 3),
     }
     log.info("preprocess: done %s", summary)
     return summary

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -117,6 +118,26 @@ def mask_quality(mask: dict) -> float:
     return float(mask.get("predicted_iou", 1.0)) * float(mask.get("stability_score", 1.0))
 
 
+def kept_masks(masks: list[dict], cfg: SamConfig) -> list[dict]:
+    """The `keep_largest` largest non-empty masks, largest first: the candidates to rank."""
+    areas = [int(m["segmentation"].sum()) for m in masks]
+    return [masks[i] for i in largest(areas, cfg.keep_largest) if areas[i] > 0]
+
+
+def finish_segments(
+    image: np.ndarray, kept: list[dict], cfg: SamConfig, scores: Sequence[float] | None = None
+) -> tuple[list[Image.Image], int]:
+    """(segments, real) from ranked `kept` masks: the best `num_segments` (by `scores`, or by
+    `mask_quality` when None), painted, then the grid fill. Only the chosen masks are painted."""
+    if len(kept) > cfg.num_segments:
+        ranks = [mask_quality(m) for m in kept] if scores is None else np.asarray(scores, dtype=np.float64).tolist()
+        kept = [kept[i] for i in best(ranks, cfg.num_segments)]
+    real = len(kept)
+    h, w = image.shape[:2]
+    masks = [m["segmentation"] for m in kept] + grid_masks(h, w, cfg.num_segments - real)
+    return [paint_segment(image, m, cfg.style, cfg.segment_size) for m in masks], real
+
+
 def select_segments(
     image: np.ndarray, masks: list[dict], cfg: SamConfig, score: Callable[[list[Image.Image]], np.ndarray] | None = None
 ) -> tuple[list[Image.Image], int]:
@@ -126,16 +147,11 @@ def select_segments(
     highest `score(candidates)` when given (caption-guided), else `mask_quality`; ties go to
     the larger mask.
     """
-    areas = [int(m["segmentation"].sum()) for m in masks]
-    kept = [masks[i] for i in largest(areas, cfg.keep_largest) if areas[i] > 0]
-    candidates = [paint_segment(image, m["segmentation"], cfg.style, cfg.segment_size) for m in kept]
-    if len(candidates) > cfg.num_segments:
-        scores = [mask_quality(m) for m in kept] if score is None else np.asarray(score(candidates), dtype=np.float64).tolist()
-        candidates = [candidates[i] for i in best(scores, cfg.num_segments)]
-    real = len(candidates)
-    h, w = image.shape[:2]
-    fill = [paint_segment(image, m, cfg.style, cfg.segment_size) for m in grid_masks(h, w, cfg.num_segments - real)]
-    return candidates + fill, real
+    kept = kept_masks(masks, cfg)
+    scores = None
+    if score is not None and len(kept) > cfg.num_segments:
+        scores = score([paint_segment(image, m["segmentation"], cfg.style, cfg.segment_size) for m in kept])
+    return finish_segments(image, kept, cfg, scores)
 
 
 # --------------------------------------------------------------------------- stage
@@ -144,19 +160,32 @@ def select_segments(
 class ClipScorer:
     """Cosine similarity of each segment to the mean of the image's caption embeddings."""
 
-    def __init__(self, model_cfg: ModelConfig, device: str = "cpu"):
+    def __init__(self, model_cfg: ModelConfig, device: str = "cpu", seed: int = 0):
         self.device = device
-        self.model = create_model(model_cfg).eval().to(device)
+        with torch.random.fork_rng(devices=[]):  # without `pretrained` the model is random: the same one in every actor
+            torch.manual_seed(seed)
+            self.model = create_model(model_cfg).eval().to(device)
         self.tokenize = get_tokenizer(model_cfg)
         self.transform = image_transform(model_cfg, train=False)
 
     @torch.no_grad()
     def __call__(self, segments: list[Image.Image], captions: list[str]) -> np.ndarray:
-        images = torch.stack([self.transform(s) for s in segments]).to(self.device)
+        return self.batch([segments], [captions])[0]
+
+    @torch.no_grad()
+    def batch(self, groups: list[list[Image.Image]], captions: list[list[str]]) -> list[np.ndarray]:
+        """Scores of each group of segments against its own captions: one image and one text
+        forward for the whole batch instead of two per row."""
+        images = torch.stack([self.transform(s) for g in groups for s in g]).to(self.device)
         img = self.model.encode_image(images)
-        txt = self.model.encode_text(torch.as_tensor(self.tokenize(list(captions))).to(self.device))
-        txt = torch.nn.functional.normalize(txt.mean(0), dim=-1)
-        return (img @ txt).cpu().numpy()
+        flat = [str(c) for cs in captions for c in cs]
+        txt = self.model.encode_text(torch.as_tensor(self.tokenize(flat)).to(self.device))
+        out, i, t = [], 0, 0
+        for g, cs in zip(groups, captions, strict=True):
+            mean = torch.nn.functional.normalize(txt[t : t + len(cs)].mean(0), dim=-1)
+            out.append((img[i : i + len(g)] @ mean).cpu().numpy())
+            i, t = i + len(g), t + len(cs)
+        return out
 
 
 class Segmenter:
@@ -182,7 +211,8 @@ class Segmenter:
         device = "cuda" if sam.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.generator.predictor.model.to(device)
         self.train_split = cfg.data.train_split
-        self.score = ClipScorer(cfg.model, device) if sam.selection == "caption" else None
+        self.score = ClipScorer(cfg.model, device, cfg.seed) if sam.selection == "caption" else None
+        self.timings = {"sam": 0.0, "clip_scoring": 0.0}  # seconds spent, for the bench
 
     def scorer(self, row: dict) -> Callable[[list[Image.Image]], np.ndarray] | None:
         """CLIP against the row's captions for a training row in caption mode; else None (quality)."""
@@ -191,11 +221,35 @@ class Segmenter:
         captions = [str(c) for c in row["captions"]]
         return lambda candidates: self.score(candidates, captions)
 
+    def _caption_rows(self, rows: list[dict], kept: list[list[dict]]) -> list[int]:
+        """Rows whose ranking is by CLIP: caption mode, training split, more masks than segments."""
+        if self.score is None:
+            return []
+        n = self.cfg.num_segments
+        return [i for i, r in enumerate(rows) if r.get("split") == self.train_split and len(kept[i]) > n]
+
     @torch.no_grad()
-    def process(self, images: list[Image.Image], rows: list[dict]) -> list[dict]:
+    def process(self, images: list, rows: list[dict]) -> list[dict]:
+        """`images`: decoded RGB images (PIL or HxWx3 uint8 arrays), one per row."""
+        t0 = time.perf_counter()
+        arrays = [a if isinstance(a, np.ndarray) else np.asarray(a.convert("RGB")) for a in images]
+        kept = [kept_masks(self.generator.generate(a), self.cfg) for a in arrays]
+        t1 = time.perf_counter()
+        scores: list = [None] * len(rows)
+        ranked = self._caption_rows(rows, kept)
+        if ranked:
+            c = self.cfg
+            groups = [[paint_segment(arrays[i], m["segmentation"], c.style, c.segment_size) for m in kept[i]] for i in ranked]
+            captions = [[str(x) for x in rows[i]["captions"]] for i in ranked]
+            batch = getattr(self.score, "batch", None)
+            got = batch(groups, captions) if batch else [self.score(g, cs) for g, cs in zip(groups, captions)]
+            for i, s in zip(ranked, got):
+                scores[i] = s
+        t2 = time.perf_counter()
         out = []
-        for img, row in zip(images, rows):
-            arr = np.asarray(img.convert("RGB"))
-            segments, real = select_segments(arr, self.generator.generate(arr), self.cfg, self.scorer(row))
-            out.append({"segments": [encode_png(s) for s in segments], "num_real_segments": real})
+        for a, k, s in zip(arrays, kept, scores):
+            segments, real = finish_segments(a, k, self.cfg, s)
+            out.append({"segments": [encode_png(x) for x in segments], "num_real_segments": real})
+        self.timings["sam"] += t1 - t0 + time.perf_counter() - t2
+        self.timings["clip_scoring"] += t2 - t1
         return out
