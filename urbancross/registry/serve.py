@@ -13,8 +13,7 @@ gallery's and uploaded ones alike, are embedded by search.py's `IndexEmbedder`, 
 model and vectors in one assignment. A request uses one `State` from start to end, so
 requests in flight finish on the version they started with and none is dropped.
 """
-
-from __future__ import annotations
+# no `from __future__ import annotations`: FastAPI must see the route parameters' real types (Request)
 
 import asyncio
 import logging
