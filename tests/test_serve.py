@@ -224,3 +224,27 @@ def test_alias_move_swaps_the_model_without_failing_a_request(app):
     row = row_of(app, 5)
     hit = requests.post(app["url"] + "/search/image", params={"k": 1}, data=row["image"], timeout=60).json()["hits"][0]
     assert hit["image_id"] == row["image_id"] and hit["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_the_page_in_headless_chromium_shows_the_hits_as_a_grid_and_on_the_map(app, tmp_path):
+    """Debian's chromium loads /?q=..., which runs the search: the grid and the map markers in
+    the DOM are the API's hits, in order; a screenshot is saved beside the test's files."""
+    import re
+    import shutil
+    import subprocess
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("no chromium (Debian: apt-get install chromium)")
+    query = "a lake next to a road"
+    url = f"{app['url']}/?q={requests.utils.quote(query)}&k=5"
+    flags = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}",
+             "--virtual-time-budget=15000", "--window-size=1200,800"]
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    want = [h["image_id"] for h in get(app, "/search", q=query, k=5).json()["hits"]]
+    assert re.findall(r'class="hit" data-image-id="([^"]+)"', dom) == want, dom[-2000:]
+    assert re.findall(r'class="marker" data-image-id="([^"]+)"', dom) == want
+    assert len(re.findall(r'class="tile"', dom)) >= 9  # every indexed tile as the map's background
+    shot = tmp_path / "page.png"
+    subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    assert shot.read_bytes()[:4] == b"\x89PNG"
