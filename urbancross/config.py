@@ -431,6 +431,7 @@ class ServeConfig(Section):
     num_replicas: int = num(1, ge=1)
     num_cpus: float = num(0.5, ge=0)  # per replica
     num_gpus: float = num(0.0, ge=0)
+    max_ongoing_requests: int = num(64, ge=1)  # per replica; more wait in the proxy
     max_batch_size: int = num(16, ge=1)  # text queries embedded together (@serve.batch)
     batch_wait_timeout_s: float = num(0.01, ge=0)  # how long a batch waits to fill
     max_k: int = num(100, ge=1)  # largest k a request may ask for

@@ -371,7 +371,7 @@ def build_app(cfg: Config, model_uri: str, index: str, manifest: str | None = No
     deployment = SearchService.options(
         num_replicas=s.num_replicas,
         ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
-        max_ongoing_requests=max(2 * s.max_batch_size, 8),
+        max_ongoing_requests=s.max_ongoing_requests,
     )
     return deployment.bind(cfg, model_uri, os.path.abspath(index), pick_manifest(index, manifest, cfg))
 
