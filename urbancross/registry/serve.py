@@ -97,6 +97,7 @@ class State:
     """What one request reads: a model and the gallery vectors it embedded, together."""
 
     embedder: IndexEmbedder  # the model (loaded once) and the image path of `urbancross index`
+    tokenize: Any  # the model's tokenizer (a new version may bring another)
     model_uri: str  # what was loaded: models:/NAME/VERSION for an alias
     version: str | None
     rows: pa.Table  # manifest rows of the gallery, in index order
@@ -118,11 +119,12 @@ def gallery_rows(ids: list[str], manifest: str) -> pa.Table:
 
 
 def make_state(embedder: IndexEmbedder, model_uri: str, version: str | None, rows: pa.Table, vectors: np.ndarray) -> State:
+    """A state for `rows` and their `vectors` (from `embedder`'s model)."""
     def floats(name: str) -> np.ndarray:
         return np.array([np.nan if v is None else v for v in rows.column(name).to_pylist()], dtype=np.float64)
 
     ids = rows.column("image_id").to_pylist()
-    return State(embedder, model_uri, version, rows, vectors, {i: n for n, i in enumerate(ids)},
+    return State(embedder, get_tokenizer(embedder.cfg.model), model_uri, version, rows, vectors, {i: n for n, i in enumerate(ids)},
                  floats("lat"), floats("lon"), np.asarray(rows.column("domain").to_pylist(), dtype=object))
 
 
@@ -146,10 +148,8 @@ class SearchService:
         rows = gallery_rows(ids, manifest)
         uri, version = resolve_model(model_uri)
         embedder = IndexEmbedder(uri, cfg, manifest)
-        self.tokenize = get_tokenizer(embedder.cfg.model)
-        dim = embed_texts(embedder.model, self.tokenize, ["x"]).shape[1]
-        check_dims(index, vectors, dim, model_uri, built_with)
         self.state = make_state(embedder, uri, version, rows, vectors)
+        check_dims(index, vectors, embed_texts(embedder.model, self.state.tokenize, ["x"]).shape[1], model_uri, built_with)
         self.lock = threading.Lock()  # one writer at a time: POST /index and the alias swap
         self.embed_queries.set_max_batch_size(self.scfg.max_batch_size)
         self.embed_queries.set_batch_wait_timeout_s(self.scfg.batch_wait_timeout_s)
@@ -190,7 +190,7 @@ class SearchService:
     async def embed_queries(self, texts: list[str]) -> list[tuple[State, np.ndarray]]:
         state = self.state
         self.batch_sizes = (self.batch_sizes + [len(texts)])[-100:]
-        vectors = await asyncio.to_thread(embed_texts, state.embedder.model, self.tokenize, texts)
+        vectors = await asyncio.to_thread(embed_texts, state.embedder.model, state.tokenize, texts)
         return [(state, v) for v in vectors]
 
     # ----------------------------------------------------------------- results
@@ -211,13 +211,17 @@ class SearchService:
             })
         return out
 
-    def keep(self, state: State, bbox: str | None, domain: str | None) -> np.ndarray | None:
+    @staticmethod
+    def bbox(text: str | None) -> tuple[float, float, float, float] | None:
+        try:
+            return parse_bbox(text) if text else None
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from None
+
+    def keep(self, state: State, bbox: tuple[float, float, float, float] | None, domain: str | None) -> np.ndarray | None:
         mask = None
         if bbox:
-            try:
-                minlon, minlat, maxlon, maxlat = parse_bbox(bbox)
-            except ValueError as e:
-                raise HTTPException(400, str(e)) from None
+            minlon, minlat, maxlon, maxlat = bbox
             with np.errstate(invalid="ignore"):  # NaN (no location) is outside every box
                 mask = (state.lon >= minlon) & (state.lon <= maxlon) & (state.lat >= minlat) & (state.lat <= maxlat)
         if domain:
@@ -282,19 +286,21 @@ class SearchService:
         if len(q) > self.scfg.max_query_chars:
             raise HTTPException(400, f"q is {len(q)} characters, over serve.max_query_chars {self.scfg.max_query_chars}")
         self.check_k(k)
+        box = self.bbox(bbox)  # bad input fails before any embedding
         state, qvec = await self.embed_queries(q)
-        order, scores = top_k(state.vectors, qvec, k, self.keep(state, bbox, domain))
+        order, scores = top_k(state.vectors, qvec, k, self.keep(state, box, domain))
         return {"query": q, "version": state.version, "hits": self.hits(state, order, scores)}
 
     @api.post("/search/image")
     async def search_image(self, request: Request, k: int = 10, bbox: str | None = None, domain: str | None = None) -> dict[str, Any]:
         """The uploaded image's nearest tiles, and the captions of the manifest nearest to it."""
         self.check_k(k)
+        box = self.bbox(bbox)
         data = await self.body(request)
         state = self.state
         row = self.upload_row(data, "upload", "upload", None, None)
         qvec = (await asyncio.to_thread(self.embed_upload, state, row))[0]
-        order, scores = top_k(state.vectors, qvec, k, self.keep(state, bbox, domain))
+        order, scores = top_k(state.vectors, qvec, k, self.keep(state, box, domain))
         captions = await asyncio.to_thread(self.caption_vectors, state)
         corder, cscores = top_k(captions[2], qvec, k)
         texts, owners, _ = captions
@@ -311,7 +317,7 @@ class SearchService:
             if split != ADDED_SPLIT:
                 texts.extend(caps)
                 owners.extend([image_id] * len(caps))
-        vecs = [embed_texts(state.embedder.model, self.tokenize, texts[i : i + 256]) for i in range(0, len(texts), 256)]
+        vecs = [embed_texts(state.embedder.model, state.tokenize, texts[i : i + 256]) for i in range(0, len(texts), 256)]
         value = (texts, owners, np.concatenate(vecs) if vecs else np.zeros((0, state.vectors.shape[1]), np.float32))
         self._captions = (state.embedder, len(state.where), value)
         return value
