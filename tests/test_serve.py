@@ -248,3 +248,21 @@ def test_the_page_in_headless_chromium_shows_the_hits_as_a_grid_and_on_the_map(a
     shot = tmp_path / "page.png"
     subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
     assert shot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_serve_command_builds_a_missing_index_then_serves(app, tmp_path, monkeypatch, capsys):
+    """demo -> promote -> serve: `urbancross serve` on the run's saved config builds the index
+    the first time (from data.manifest), then hands it to the app."""
+    from urbancross.cli import main
+    from urbancross.config import save_config
+    from urbancross.registry.search import read_index
+
+    served = []
+    monkeypatch.setattr("urbancross.registry.serve.run_forever", lambda cfg, model, index, manifest: served.append((cfg.serve.port, model, index)))
+    save_config(app["cfg"], tmp_path / "config.yaml")
+    index = str(tmp_path / "index.parquet")
+    args = ["serve", "--config", str(tmp_path / "config.yaml"), "--model", "models:/urbancross@champion", "--index", index]
+    assert main([*args, "--port", "8123"]) == 0
+    assert served == [(8123, "models:/urbancross@champion", index)] and len(read_index(index)[0]) == 36  # every tile of the manifest
+    assert main([*args[:-1], str(tmp_path / "other.parquet"), "--set", "data.manifest=''"]) == 2
+    assert "no manifest to build it from" in capsys.readouterr().err
