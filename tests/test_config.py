@@ -246,3 +246,19 @@ def test_demo_writes_each_stage_time_as_it_finishes(tmp_path):
     saved = json.loads((tmp_path / TIMINGS_FILE).read_text())
     assert [t["stage"] for t in saved] == ["first", "second"] and saved[1]["seconds"] >= 0.05
     assert saved[0]["started"] <= saved[1]["started"] <= time.time()
+
+
+def test_an_empty_manifest_path_is_refused_naming_the_field(tmp_path, monkeypatch):
+    """An empty `data.manifest` once read the working directory ("not a readable Parquet dataset
+    ... adapt/model.json"); now it fails naming the field, before any model is loaded."""
+    from urbancross.data.manifest import ManifestError, read_manifest
+    from urbancross.registry.promote import evaluate_model_uri
+
+    (tmp_path / "adapt").mkdir()
+    (tmp_path / "adapt" / "model.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ManifestError, match="manifest path is empty: set data.manifest"):
+        read_manifest("")
+    cfg = load_config(None, [f"out_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="promote.manifest and data.manifest are both empty"):
+        evaluate_model_uri(cfg, "runs:/0123/model")  # no such run: the check comes first

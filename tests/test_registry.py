@@ -28,7 +28,7 @@ from urbancross.cli import main
 from urbancross.config import config_from_dict
 from urbancross.model.pyfunc import load_urbancross, log_model
 from urbancross.registry.promote import decide, promote
-from urbancross.registry.search import build_index, read_index, search, top_k
+from urbancross.registry.search import build_index, index_manifest, read_index, search, top_k
 from urbancross.tracking import RegistryError, mlflow_run
 
 # --------------------------------------------------------------------------- decide (pure)
@@ -65,6 +65,14 @@ def test_decide_refuses_non_finite_scores(bad):
     assert decide({"A": bad}, None, 0.0, 0.0)[0] is False  # not even as the first version
     ok, reason = decide({"A": 55.0, "B": 65.0}, {"A": 50.0, "B": bad}, margin=0.5, max_domain_drop=2.0)
     assert not ok and reason == f"champion mR on B is {bad}: not a finite score"
+
+
+def test_top_k_ranks_only_the_rows_kept():
+    vectors, query = np.eye(4, dtype=np.float32), np.array([0.1, 0.4, 0.3, 0.2], np.float32)
+    order, scores = top_k(vectors, query, 2, keep=np.array([True, False, True, True]))
+    assert order.tolist() == [2, 3] and scores.tolist() == pytest.approx([0.3, 0.2])
+    assert top_k(vectors, query, 9)[0].tolist() == [1, 2, 3, 0]
+    assert top_k(vectors, query, 3, keep=np.zeros(4, bool))[0].tolist() == []
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -216,6 +224,7 @@ def test_promote_index_and_search_never_unpickle_a_logged_model(bench, tmp_path,
     assert set(evaluate_model_uri(cfg, uri)) == {"Finland", "Germany", "Spain"}  # promote's evaluation
     index = str(tmp_path / "index.parquet")
     assert build_index(uri, cfg.data.manifest, index, cfg, split="val", use_ray=False)["images"] == 9
+    assert index_manifest(index) == cfg.data.manifest  # `serve` finds the tiles' lat/lon and images there
     image_id, caption = first_val_caption(cfg)
     assert search(uri, index, caption, top=1)[0]["image_id"] == image_id
     assert not marker.exists()

@@ -167,6 +167,24 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from urbancross.registry.serve import run_forever
+
+    flags = {"serve.port": args.port, "serve.host": args.host}
+    cfg = _config(args).override({k: v for k, v in flags.items() if v is not None}, where="command line")
+    check_tracking_server(configure(cfg))
+    if not os.path.exists(args.index):  # demo -> promote -> serve: the first serve builds the index
+        from urbancross.registry.search import build_index
+
+        manifest = args.manifest or cfg.data.manifest
+        if not manifest:
+            raise ConfigError(f"{args.index}: no such index, and no manifest to build it from: pass --manifest or set data.manifest")
+        logging.getLogger("urbancross").info("serve: %s does not exist: building it from %s", args.index, manifest)
+        build_index(args.model, manifest, args.index, cfg, use_ray=False)
+    run_forever(cfg, args.model, args.index, args.manifest)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -350,6 +368,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", required=True, metavar="FILE", help="index written by `urbancross index`")
     p.add_argument("--top", type=int, default=5, metavar="K", help="how many images to print (default 5)")
     p.add_argument("query", help='text query, e.g. "a stadium next to a river"')
+
+    p = add(
+        "serve",
+        cmd_serve,
+        "Serve text -> tile search over an index as a Ray Serve app (HTTP API and a web page at /); "
+        "the model is loaded once per replica and queries are batched (config section `serve`).",
+    )
+    _add_config_args(p)
+    p.add_argument("--model", required=True, metavar="URI", help="e.g. models:/urbancross@champion (followed when serve.follow_alias_s > 0)")
+    p.add_argument("--index", required=True, metavar="FILE", help="index written by `urbancross index` (built from the manifest if missing)")
+    p.add_argument("--manifest", metavar="DIR", help="manifest of the indexed tiles (default: the one recorded in the index, else data.manifest)")
+    p.add_argument("--port", type=int, help="HTTP port (config serve.port, default 8000)")
+    p.add_argument("--host", help="HTTP host (config serve.host, default 127.0.0.1)")
 
     return parser
 

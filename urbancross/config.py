@@ -427,6 +427,24 @@ class TuneConfig(Section):
 
 
 @dataclass(frozen=True)
+class ServeConfig(Section):
+    """`urbancross serve`: the Ray Serve search app (one deployment, each replica holds the model once)."""
+
+    host: str = "127.0.0.1"
+    port: int = num(8000, ge=1, le=65535)
+    num_replicas: int = num(1, ge=1)
+    num_cpus: float = num(0.5, ge=0)  # per replica
+    num_gpus: float = num(0.0, ge=0)
+    max_ongoing_requests: int = num(64, ge=1)  # per replica; more wait in the proxy
+    max_batch_size: int = num(16, ge=1)  # text queries embedded together (@serve.batch)
+    batch_wait_timeout_s: float = num(0.01, ge=0)  # how long a batch waits to fill
+    max_k: int = num(100, ge=1)  # largest k a request may ask for
+    max_query_chars: int = num(1000, ge=1)  # longer queries get a 400
+    max_upload_bytes: int = num(20_000_000, ge=1)  # POST /search/image and /index bodies
+    follow_alias_s: float = num(0.0, ge=0)  # poll the registry alias this often and swap to a new version; 0 = never
+
+
+@dataclass(frozen=True)
 class Config(Section):
     """A whole run: one file configures every stage of the pipeline."""
 
@@ -444,6 +462,7 @@ class Config(Section):
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dicts and lists (YAML/JSON-able); `config_from_dict` reads it back."""

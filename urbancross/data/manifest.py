@@ -369,6 +369,8 @@ def write_manifest(
 
 def read_manifest(uri: str | os.PathLike, *, columns: list[str] | None = None) -> pa.Table:
     """Read a manifest folder (or single Parquet file), validated against the schema."""
+    if not str(uri).strip():  # "" resolves to the working directory: refuse it rather than read what lies there
+        raise ManifestError("manifest path is empty: set data.manifest (or pass the manifest folder)")
     fs, path = resolve_fs(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound and not (isinstance(fs, pafs.LocalFileSystem) and restore_interrupted(path)):

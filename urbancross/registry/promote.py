@@ -20,7 +20,7 @@ import random
 import time
 from typing import Any, Callable, Iterator
 
-from urbancross.config import Config
+from urbancross.config import Config, ConfigError
 from urbancross.evaluate.scoring import evaluate_model
 from urbancross.model.pyfunc import load_urbancross
 from urbancross.tracking import RegistryError, check_tracking_server, configure
@@ -74,8 +74,10 @@ def scores_of(records: list[dict[str, Any]]) -> Scores:
 
 def evaluate_model_uri(cfg: Config, model_uri: str) -> Scores:
     """mR per domain of a logged/registered pyfunc model on the promotion split (no Ray)."""
-    model, model_cfg = load_urbancross(model_uri)
     manifest = cfg.promote.manifest or cfg.data.manifest
+    if not manifest:
+        raise ConfigError("promote.manifest and data.manifest are both empty: set one to the manifest to evaluate on")
+    model, model_cfg = load_urbancross(model_uri)
     run_cfg = cfg.override({"model": model_cfg.model, "data.manifest": manifest}, where=f"{model_uri} on {manifest}")
     records = evaluate_model(model, run_cfg, manifest, cfg.promote.split)
     return scores_of(records)

@@ -29,6 +29,7 @@ from urbancross.tracking import configure
 log = logging.getLogger(__name__)
 
 MODEL_KEY = b"urbancross.model_uri"
+MANIFEST_KEY = b"urbancross.manifest"  # the manifest whose images were embedded (lat/lon, thumbnails for `serve`)
 
 
 class IndexEmbedder:
@@ -61,11 +62,11 @@ def build_index(
     order = np.argsort(ids, kind="stable")
     vectors = np.concatenate([np.asarray(p["image"], dtype=np.float32) for p in parts])[order]
     domains = np.concatenate([np.asarray(p["domain"]).astype(str) for p in parts])[order]
-    write_index(ids[order], domains, vectors, out, model_uri)
+    write_index(ids[order], domains, vectors, out, model_uri, manifest=str(manifest))
     return {"index": str(out), "images": int(len(ids)), "embed_dim": int(vectors.shape[1]), "model": model_uri}
 
 
-def write_index(ids, domains, vectors: np.ndarray, out: str, model_uri: str) -> None:
+def write_index(ids, domains, vectors: np.ndarray, out: str, model_uri: str, manifest: str = "") -> None:
     """One Parquet file, written beside `out` and renamed: a reader never sees half an index."""
     dim = vectors.shape[1]
     table = pa.table(
@@ -74,7 +75,7 @@ def write_index(ids, domains, vectors: np.ndarray, out: str, model_uri: str) -> 
             "domain": pa.array(list(domains), pa.string()),
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
         }
-    ).replace_schema_metadata({MODEL_KEY: model_uri.encode()})
+    ).replace_schema_metadata({MODEL_KEY: model_uri.encode(), MANIFEST_KEY: manifest.encode()})
     write_file(out, lambda tmp: pq.write_table(table, tmp))
 
 
@@ -92,11 +93,29 @@ def read_index(path: str) -> tuple[list[str], list[str], np.ndarray, str]:
     return table.column("image_id").to_pylist(), table.column("domain").to_pylist(), vectors, uri
 
 
-def top_k(vectors: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and scores of the `k` rows of `vectors` [N,D] most similar (dot) to `query` [D]."""
+def index_manifest(path: str) -> str:
+    """The manifest an index was built from ("" for an index written before it was recorded)."""
+    return (pq.read_schema(path).metadata or {}).get(MANIFEST_KEY, b"").decode()
+
+
+def top_k(vectors: np.ndarray, query: np.ndarray, k: int, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and scores of the `k` rows of `vectors` [N,D] most similar (dot) to `query` [D]
+    (only rows where the boolean mask `keep` [N] is true, when given)."""
     scores = vectors @ query
-    order = np.argsort(-scores, kind="stable")[: max(k, 0)]
+    rows = np.arange(len(scores)) if keep is None else np.flatnonzero(keep)
+    order = rows[np.argsort(-scores[rows], kind="stable")[: max(k, 0)]]
     return order, scores[order]
+
+
+def check_dims(index: str, vectors: np.ndarray, dim: int, model_uri: str, built_with: str) -> None:
+    """Refuse a model whose embeddings cannot be compared with the index's; warn on another model."""
+    if dim != vectors.shape[1]:
+        raise ValueError(
+            f"{index}: vectors have {vectors.shape[1]} dims but {model_uri} embeds into {dim} "
+            f"(index built with {built_with or 'an unknown model'})"
+        )
+    if built_with and built_with != model_uri:
+        log.warning("search: index %s was built with %s, querying with %s", index, built_with, model_uri)
 
 
 def search(model_uri: str, index: str, query: str, top: int = 5) -> list[dict[str, Any]]:
@@ -104,13 +123,7 @@ def search(model_uri: str, index: str, query: str, top: int = 5) -> list[dict[st
     ids, domains, vectors, built_with = read_index(index)
     model, model_cfg = load_urbancross(model_uri)  # weights as data, never the pickled pyfunc
     qvec = embed_texts(model, get_tokenizer(model_cfg.model), [query])[0]
-    if qvec.shape[0] != vectors.shape[1]:
-        raise ValueError(
-            f"{index}: vectors have {vectors.shape[1]} dims but {model_uri} embeds into {qvec.shape[0]} "
-            f"(index built with {built_with or 'an unknown model'})"
-        )
-    if built_with and built_with != model_uri:
-        log.warning("search: index %s was built with %s, querying with %s", index, built_with, model_uri)
+    check_dims(index, vectors, qvec.shape[0], model_uri, built_with)
     order, scores = top_k(vectors, qvec, top)
     return [{"image_id": ids[i], "domain": domains[i], "score": float(s)} for i, s in zip(order, scores)]
 
@@ -120,4 +133,4 @@ def format_results(results: list[dict[str, Any]]) -> str:
     return "\n".join(f"{r['score']:.4f}  {r['domain']:<12} {r['image_id']}" for r in results)
 
 
-__all__ = ["build_index", "format_results", "read_index", "search", "top_k", "write_index"]
+__all__ = ["build_index", "check_dims", "format_results", "index_manifest", "read_index", "search", "top_k", "write_index"]

@@ -1,0 +1,268 @@
+"""`urbancross serve`: the Ray Serve search app, over HTTP on 127.0.0.1.
+
+One app for the module: a 3-domain benchmark (lat/lon per domain), a champion whose
+projection heads are fitted to it (so a caption finds its own tile), the index built with it.
+The tests then query the real app: search, filters, thumbnails, bad input, image upload,
+adding a tile, and the alias moving to another version while requests are in flight.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("ray.serve", reason="needs ray[serve] (grpcio-reflection, watchfiles, mmh3)")
+requests = pytest.importorskip("requests")
+
+from servers import free_port  # noqa: E402  (tests/ helper)
+from test_registry import fit_projections, log_run  # noqa: E402
+from urbancross.config import config_from_dict  # noqa: E402
+from urbancross.registry.serve import parse_bbox  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+SPAIN = (-6.0, 36.5, 2.0, 43.0)  # synth.py's box for the Spain domain (minlon, minlat, maxlon, maxlat)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, ray_session):
+    """The served app's base URL, its config and the manifest table; shuts Serve down after."""
+    import pyarrow.compute as pc
+    from mlflow import MlflowClient
+    from ray import serve
+
+    from urbancross.data.ingest import read_split
+    from urbancross.data.manifest import read_manifest
+    from urbancross.data.synth import synthesize
+    from urbancross.model.factory import create_model, save_model
+    from urbancross.registry.promote import promote
+    from urbancross.registry.search import build_index
+    from urbancross.registry.serve import APP_NAME, build_app
+    from urbancross.tracking import configure
+
+    root = tmp_path_factory.mktemp("serve")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # a SQLite store puts artifacts under ./mlruns
+        port = free_port()
+        cfg = config_from_dict({
+            "out_dir": str(root / "run"),
+            "synth": {"images_per_domain": 12, "test_fraction": 0.5, "val_fraction": 0.25},
+            "data": {"manifest": str(root / "manifest")},
+            "serve": {"port": port, "num_cpus": 0.25, "follow_alias_s": 0.5, "max_batch_size": 8},
+        })
+        synthesize(cfg.synth, cfg.data.manifest)
+        torch.manual_seed(0)
+        model = create_model(cfg.model)
+        save_model(model, str(root / "random.pt"))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        fit_projections(model, cfg, read_split(cfg, "val"))
+        torch.set_num_threads(threads)
+        save_model(model, str(root / "trained.pt"))
+        configure(cfg)
+        trained_run, random_run = log_run(cfg, str(root / "trained.pt")), log_run(cfg, str(root / "random.pt"))
+        assert promote(cfg, trained_run, evaluate=lambda c, u: {"A": 50.0})["decision"] == "champion"
+        index = str(root / "index.parquet")
+        build_index("models:/urbancross@champion", cfg.data.manifest, index, cfg, split="val", use_ray=False)
+
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(cfg, "models:/urbancross@champion", index), name=APP_NAME, route_prefix="/")
+        try:
+            val = read_manifest(cfg.data.manifest).filter(pc.equal(read_manifest(cfg.data.manifest).column("split"), "val"))
+            yield {"url": f"http://127.0.0.1:{port}", "cfg": cfg, "table": val, "index": index,
+                   "random_run": random_run, "client": MlflowClient(cfg.tracking_uri()), "root": root}
+        finally:
+            serve.shutdown()
+
+
+def get(app, path, **params):
+    return requests.get(app["url"] + path, params=params, timeout=30)
+
+
+def row_of(app, n: int) -> dict:
+    return app["table"].slice(n, 1).to_pylist()[0]
+
+
+def test_health_reports_the_champion_version(app):
+    health = get(app, "/health").json()
+    assert health["status"] == "ok" and health["model"] == "models:/urbancross@champion"
+    assert (health["version"], health["model_uri"], health["images"]) == ("1", "models:/urbancross/1", 9)
+    assert health["domains"] == ["Finland", "Germany", "Spain"]
+    minlon, minlat, maxlon, maxlat = health["extent"]
+    assert -6.0 <= minlon < maxlon <= 27.5 and 36.5 <= minlat < maxlat <= 62.0
+
+
+def test_a_caption_finds_its_tile_with_location_and_thumbnail(app):
+    """The served ranking is `urbancross search`'s, to the score; the first caption finds its tile."""
+    from urbancross.registry.search import search
+
+    val = app["table"].to_pylist()
+    for row in val:
+        body = get(app, "/search", q=row["captions"][0], k=5).json()
+        want = search("models:/urbancross/1", app["index"], row["captions"][0], top=5)
+        assert [h["image_id"] for h in body["hits"]] == [w["image_id"] for w in want] and body["version"] == "1"
+        np.testing.assert_allclose([h["score"] for h in body["hits"]], [w["score"] for w in want], atol=1e-4)
+    row = val[0]
+    hit = get(app, "/search", q=row["captions"][0], k=1).json()["hits"][0]
+    assert hit["image_id"] == row["image_id"]
+    assert (hit["lat"], hit["lon"], hit["domain"]) == (pytest.approx(row["lat"]), pytest.approx(row["lon"]), row["domain"])
+    thumb = requests.get(app["url"] + hit["thumbnail"], timeout=30)
+    assert thumb.status_code == 200 and thumb.content == row["image"] and thumb.headers["content-type"] == "image/png"
+    assert requests.get(app["url"] + "/thumb/nope", timeout=30).status_code == 404
+
+
+def test_bbox_and_domain_filter_the_hits(app):
+    hits = get(app, "/search", q="a lake next to a road", k=9, bbox=",".join(map(str, SPAIN))).json()["hits"]
+    assert len(hits) == 3 and {h["domain"] for h in hits} == {"Spain"}
+    assert all(SPAIN[0] <= h["lon"] <= SPAIN[2] and SPAIN[1] <= h["lat"] <= SPAIN[3] for h in hits)
+    hits = get(app, "/search", q="a lake next to a road", k=9, domain="Finland").json()["hits"]
+    assert len(hits) == 3 and {h["domain"] for h in hits} == {"Finland"}
+    assert get(app, "/search", q="a lake", k=5, bbox=",".join(map(str, SPAIN)), domain="Finland").json()["hits"] == []
+
+
+def test_bad_input_is_a_4xx_naming_the_problem_and_the_app_keeps_serving(app):
+    cases = [
+        ({"q": ""}, "q is empty"),
+        ({"q": "   "}, "q is empty"),
+        ({"q": "lake " * 1000}, "over serve.max_query_chars"),
+        ({"q": "lake", "k": 0}, "k must be between 1 and 100"),
+        ({"q": "lake", "k": 101}, "k must be between 1 and 100"),
+        ({"q": "lake", "bbox": "1,2,3"}, "4 numbers"),
+        ({"q": "lake", "bbox": "a,b,c,d"}, "must be 4 numbers"),
+        ({"q": "lake", "bbox": "-200,0,10,10"}, "longitudes"),
+        ({"q": "lake", "bbox": "0,50,10,40"}, "latitudes"),
+    ]
+    for params, message in cases:
+        r = get(app, "/search", **params)
+        assert r.status_code == 400 and message in r.json()["detail"], (params, r.text[:300])
+    r = requests.post(app["url"] + "/search/image", data=b"not an image", timeout=30)
+    assert r.status_code == 400 and "unreadable image" in r.json()["detail"]
+    r = requests.post(app["url"] + "/search/image", data=b"", timeout=30)
+    assert r.status_code == 400 and "body is empty" in r.json()["detail"]
+    assert get(app, "/search", q="a lake", k=3).status_code == 200
+
+
+def test_pure_bbox_parse():
+    assert parse_bbox("-6,36.5,2,43") == SPAIN
+    for bad in ("", "1,2,3,4,5", "nan,0,1,1", "0,0,inf,1", "10,0,0,1"):
+        with pytest.raises(ValueError):
+            parse_bbox(bad)
+
+
+def test_an_uploaded_image_finds_its_tile_and_captions(app):
+    row = row_of(app, 0)
+    body = requests.post(app["url"] + "/search/image", params={"k": 3}, data=row["image"], timeout=60).json()
+    assert body["hits"][0]["image_id"] == row["image_id"] and body["hits"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert len(body["captions"]) == 3 and all(isinstance(c["caption"], str) and c["image_id"] for c in body["captions"])
+
+
+def test_a_tile_added_without_restart_is_searchable(app):
+    from urbancross.config import SynthConfig
+    from urbancross.data.synth import synthesize
+
+    extra = synthesize(SynthConfig(images_per_domain=4, seed=99), str(app["root"] / "extra")).slice(0, 1).to_pylist()[0]
+    url = app["url"] + "/index"
+    r = requests.post(url, params={"image_id": "new-1", "lat": 10.5, "lon": 20.25, "domain": "mine"}, data=extra["image"], timeout=60)
+    assert r.status_code == 200 and r.json() == {"added": "new-1", "images": 10}
+    assert requests.post(url, params={"image_id": "new-1"}, data=extra["image"], timeout=60).status_code == 409
+    assert requests.post(url, params={"image_id": "bad/id"}, data=extra["image"], timeout=60).status_code == 400
+    assert requests.post(url, params={"image_id": "x", "lat": 91}, data=extra["image"], timeout=60).status_code == 400
+    assert requests.post(url, params={"image_id": "x"}, data=b"GIF89a broken", timeout=60).status_code == 400
+    hit = requests.post(app["url"] + "/search/image", params={"k": 1}, data=extra["image"], timeout=60).json()["hits"][0]
+    assert (hit["image_id"], hit["lat"], hit["lon"], hit["domain"]) == ("new-1", 10.5, 20.25, "mine")
+    assert requests.get(app["url"] + "/thumb/new-1", timeout=30).content == extra["image"]
+    hits = get(app, "/search", q="a lake", k=5, bbox="20,10,21,11").json()["hits"]
+    assert [h["image_id"] for h in hits] == ["new-1"]
+
+
+def test_page_is_served_and_fetches_nothing_from_elsewhere(app):
+    r = get(app, "/")
+    assert r.status_code == 200 and "<svg id=\"map\"" in r.text and "/search?" in r.text
+    assert "http://" not in r.text.replace('xmlns="http://www.w3.org/2000/svg"', "").replace('"http://www.w3.org/2000/svg"', "")
+    assert "https://" not in r.text
+
+
+def test_alias_move_swaps_the_model_without_failing_a_request(app):
+    """Version 2 (random heads) becomes champion while 4 clients query: every request answers
+    200, answers move from version 1 to 2, and v2's gallery was re-embedded (an indexed image
+    finds itself with score 1 again)."""
+    import mlflow
+
+    client = app["client"]
+    v2 = mlflow.register_model(f"runs:/{app['random_run']}/model", "urbancross").version
+    results: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            r = get(app, "/search", q="two buildings north of a road", k=3)
+            results.append((r.status_code, r.json().get("version") if r.status_code == 200 else r.text[:200]))
+
+    workers = [threading.Thread(target=hammer) for _ in range(4)]
+    for w in workers:
+        w.start()
+    try:
+        time.sleep(1.0)
+        client.set_registered_model_alias("urbancross", "champion", v2)
+        deadline = time.monotonic() + 60
+        while get(app, "/health").json()["version"] != str(v2):
+            assert time.monotonic() < deadline, "the app did not follow the alias within 60 s"
+            time.sleep(0.3)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    codes = {c for c, _ in results}
+    versions = [v for _, v in results]
+    assert codes == {200}, [r for r in results if r[0] != 200][:3]
+    assert versions[0] == "1" and versions[-1] == str(v2) and len(results) > 20
+    row = row_of(app, 5)
+    hit = requests.post(app["url"] + "/search/image", params={"k": 1}, data=row["image"], timeout=60).json()["hits"][0]
+    assert hit["image_id"] == row["image_id"] and hit["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_the_page_in_headless_chromium_shows_the_hits_as_a_grid_and_on_the_map(app, tmp_path):
+    """Debian's chromium loads /?q=..., which runs the search: the grid and the map markers in
+    the DOM are the API's hits, in order; a screenshot is saved beside the test's files."""
+    import re
+    import shutil
+    import subprocess
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("no chromium (Debian: apt-get install chromium)")
+    query = "a lake next to a road"
+    url = f"{app['url']}/?q={requests.utils.quote(query)}&k=5"
+    flags = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}",
+             "--virtual-time-budget=15000", "--window-size=1200,800"]
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    want = [h["image_id"] for h in get(app, "/search", q=query, k=5).json()["hits"]]
+    assert re.findall(r'class="hit" data-image-id="([^"]+)"', dom) == want, dom[-2000:]
+    assert re.findall(r'class="marker" data-image-id="([^"]+)"', dom) == want
+    assert len(re.findall(r'class="tile"', dom)) >= 9  # every indexed tile as the map's background
+    shot = tmp_path / "page.png"
+    subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    assert shot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_serve_command_builds_a_missing_index_then_serves(app, tmp_path, monkeypatch, capsys):
+    """demo -> promote -> serve: `urbancross serve` on the run's saved config builds the index
+    the first time (from data.manifest), then hands it to the app."""
+    from urbancross.cli import main
+    from urbancross.config import save_config
+    from urbancross.registry.search import read_index
+
+    served = []
+    monkeypatch.setattr("urbancross.registry.serve.run_forever", lambda cfg, model, index, manifest: served.append((cfg.serve.port, model, index)))
+    save_config(app["cfg"], tmp_path / "config.yaml")
+    index = str(tmp_path / "index.parquet")
+    args = ["serve", "--config", str(tmp_path / "config.yaml"), "--model", "models:/urbancross@champion", "--index", index]
+    assert main([*args, "--port", "8123"]) == 0
+    assert served == [(8123, "models:/urbancross@champion", index)] and len(read_index(index)[0]) == 36  # every tile of the manifest
+    assert main([*args[:-1], str(tmp_path / "other.parquet"), "--set", "data.manifest=''"]) == 2
+    assert "no manifest to build it from" in capsys.readouterr().err
