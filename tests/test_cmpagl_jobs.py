@@ -101,9 +101,11 @@ def test_rescoring_as_a_ray_data_stage_matches_in_process(trained):
     model = create_model(cfg.model, pretrained=result["model_path"]).eval()
     table = read_split(cfg, "test")
     emb = embed_table(model, table, cfg)
+    keep = emb["domain"].astype(str) == "Spain"  # one gallery: one actor pool start
+    emb = {k: v[keep] for k, v in emb.items()}
     here = domain_stages(cfg, table, emb, model=model)
     ray_data = domain_stages(cfg, table, emb, weights=result["model_path"])
-    assert set(here) == {"Finland", "Spain"}
+    assert set(here) == {"Spain"} and set(here["Spain"]) == {"prealign", "prealign_smr", "itm", "itm_smr"}
     for domain in here:
         for stage in here[domain]:
             assert here[domain][stage] == pytest.approx(ray_data[domain][stage], abs=1e-6)
@@ -155,7 +157,7 @@ def test_demo_method_cmpagl_sets_the_family_before_any_set(monkeypatch, tmp_path
 
 
 @pytest.mark.ray
-@pytest.mark.slow  # one real Tune trial of Ray Train + DeepSpeed with a CMPAGL model: about a minute
+@pytest.mark.slow  # one real Tune trial of Ray Train + DeepSpeed with a CMPAGL model: about 75 s
 def test_one_tune_trial_trains_cmpagl_under_ray_train(ray_session, manifest, tmp_path):
     import yaml
 
