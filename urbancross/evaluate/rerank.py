@@ -133,20 +133,24 @@ class CandidateScorer:
         from urbancross.model.inputs import ModelInputs
 
         torch.set_num_threads(max(1, int(cfg.evaluate.num_cpus)))
-        self.model = model if model is not None else create_model(cfg.model, pretrained=weights).eval()
+        if model is None:  # an actor: on its GPU when `evaluate.num_gpus` > 0, as the embedding actors
+            device = "cuda" if cfg.evaluate.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+            model = create_model(cfg.model, pretrained=weights).eval().to(device)
+        self.model = model
+        self.device = next(model.parameters()).device
         self.inputs = ModelInputs(cfg, train=False)
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cand_tokens, cand_pair = batch.pop("cand_tokens"), batch.pop("cand_pair")
         x = self.inputs(batch)
-        _, image_tokens = self.model.image_features(torch.as_tensor(x["images"]))
+        _, image_tokens = self.model.image_features(torch.as_tensor(x["images"]).to(self.device))
         owner = np.concatenate([np.full(len(p), i) for i, p in enumerate(cand_pair)]).astype(np.int64)
         if len(owner) == 0:
             return {"pair": np.zeros(0, np.int64), "score": np.zeros(0, np.float32)}
-        tokens = torch.as_tensor(np.stack([np.asarray(t, dtype=np.int64) for ts in cand_tokens for t in ts]))
-        score = self.model.match_score(image_tokens[torch.as_tensor(owner)], tokens)
-        return {"pair": np.concatenate([np.asarray(p, dtype=np.int64) for p in cand_pair]), "score": score.float().numpy()}
+        tokens = torch.as_tensor(np.stack([np.asarray(t, dtype=np.int64) for ts in cand_tokens for t in ts])).to(self.device)
+        score = self.model.match_score(image_tokens[torch.as_tensor(owner, device=self.device)], tokens)
+        return {"pair": np.concatenate([np.asarray(p, dtype=np.int64) for p in cand_pair]), "score": score.float().cpu().numpy()}
 
 
 def score_candidates(cfg, table, image_ids: np.ndarray, texts: list[str], owner: np.ndarray, pairs: torch.Tensor,
