@@ -57,6 +57,21 @@ def test_config_family_and_factory():
         load_config(None, ["model.family=albef"])
 
 
+def test_a_batch_of_one_trains_the_matching_head_on_its_positive_only():
+    """Adapt's last target batch can hold one row: nothing to mine, so ITM sees the positive pair."""
+    from urbancross.config import LossConfig
+    from urbancross.loss import cmpagl_loss
+    from urbancross.model.cmpagl import build_cmpagl
+
+    torch.manual_seed(0)
+    model = build_cmpagl("tiny")
+    out = model(torch.randn(1, 3, 64, 64), model.tokenizer(["a lake"]))
+    assert out["itm_logits"].shape == (1, 1, 2) and out["itm_negatives"] is None
+    loss, parts = cmpagl_loss(out, LossConfig(kind="triplet"))
+    want = torch.nn.functional.cross_entropy(out["itm_logits"][0], torch.tensor([1]))
+    assert torch.isfinite(loss) and parts["itm"].item() == pytest.approx(want.item())
+
+
 @pytest.mark.ray
 def test_cmpagl_trains_on_bert_tokens_adapts_and_evaluates_per_stage(trained, tmp_path):
     from urbancross.evaluate.job import run_evaluate
