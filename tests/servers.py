@@ -48,9 +48,11 @@ def mlflow_server(root: Path, *args: str, port: int | None = None, env: dict[str
                     time.sleep(0.5)
             yield uri
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its workers only
+            with contextlib.suppress(ProcessLookupError):  # it may have exited already (e.g. failed to start)
+                os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its workers only
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()

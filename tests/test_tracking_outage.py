@@ -18,6 +18,7 @@ from urbancross.tracking import MetricLog
 def test_end_epoch_saves_the_checkpoint_before_tracking(monkeypatch):
     from urbancross.config import Config
     from urbancross.train import loop
+    from urbancross.train.selection import Selection
 
     calls = []
     monkeypatch.setattr(loop, "save_and_report", lambda *a, **k: calls.append("checkpoint"))
@@ -29,7 +30,8 @@ def test_end_epoch_saves_the_checkpoint_before_tracking(monkeypatch):
     engine, w = types.SimpleNamespace(global_steps=3), types.SimpleNamespace(rank=1)
     with pytest.raises(ConnectionError):
         loop.end_epoch(engine, w, Config(), "train", 0, 1, {"loss": 1.0}, val=None, log_metrics=tracking_down,
-                       started=time.perf_counter(), start=(0, 0), client={"epoch": 1})
+                       started=time.perf_counter(), start=(0, 0), client={"epoch": 1},
+                       selection=Selection.from_state({}, 0), export=lambda: calls.append("export"))
     assert calls == ["checkpoint", "tracking"]  # even a logger that raises cannot cost the epoch
 
 
