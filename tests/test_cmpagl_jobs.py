@@ -103,6 +103,7 @@ def test_cmpagl_trains_on_bert_tokens_adapts_and_evaluates_per_stage(trained, tm
         assert r["stages"]["prealign_smr"]["mR"] == pytest.approx(r["smr"]["mR"])
     saved = json.loads((tmp_path / "eval" / "cross_domain.json").read_text())
     assert saved[0]["stages"]["itm"].keys() == records[0]["stages"]["itm"].keys()
+    assert "re-scored by the matching head, then SMR" in (tmp_path / "eval" / "cross_domain.md").read_text()
 
 
 @pytest.mark.ray
