@@ -45,9 +45,9 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from urbancross.demo import DEMO_CONFIG, run_demo
+    from urbancross.demo import DEMO_CONFIG, METHODS, run_demo
 
-    cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
+    cfg = load_config(args.config or DEMO_CONFIG, [*METHODS[args.method], *(args.overrides or [])])
     run_demo(cfg.override({"out_dir": args.out}, where="--out") if args.out else cfg)
     return 0
 
@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument("--out", metavar="DIR", help="output folder (default: config out_dir)")
+    p.add_argument("--method", choices=["urbancross", "cmpagl"], default="urbancross",
+                   help="model family (cmpagl: Gswin + BERT + fusion/matching head; its loss and lr); --set overrides it")
     p.epilog = "Without --config the demo uses urbancross/demo.yaml (the embedded default, sized for 2 CPUs)."
 
     data = sub.add_parser("data", help="Create, import and inspect manifests (Parquet dataset folders).")

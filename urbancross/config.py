@@ -229,8 +229,17 @@ class PreprocessConfig(Section):
 
 @dataclass(frozen=True)
 class ModelConfig(Section):
-    """Two-tower CLIP (open_clip) with segment fusion; CMPAGL's global-local block as an option."""
+    """The model family and its shapes. `urbancross`: two-tower CLIP (open_clip) with segment
+    fusion (CMPAGL's global-local block and pre-alignment as options). `cmpagl`: Gswin + BERT,
+    pre-aligned, fusion encoder + matching head (`urbancross/model/cmpagl.py`); it reads
+    `cmpagl_size`, `swin_dir`, `bert_dir`, `gswin_global` (False = plain Swin) and ignores the
+    CLIP-only keys (preset, pretrained tags, segments)."""
 
+    family: Literal["urbancross", "cmpagl"] = "urbancross"
+    cmpagl_size: Literal["tiny", "base"] = "tiny"  # tiny: 64 px, CPU; base: Swin-T + BERT-base shapes
+    swin_dir: str = ""  # cmpagl: local Swin checkpoint directory (transformers SwinModel keys); empty = random init
+    bert_dir: str = ""  # cmpagl: local BERT directory (weights + vocab.txt); empty = random init + shipped vocabulary
+    gswin_global: bool = True  # cmpagl: Gswin blocks' global-local window cross-attention (False = plain Swin ablation)
     preset: str = "tiny"  # tiny | ViT-B-32 | ViT-B-32-quickgelu | ViT-L-14 | ...
     pretrained: str = ""  # local checkpoint file; never a download tag
     use_segments: bool = True
@@ -245,6 +254,11 @@ class ModelConfig(Section):
     def check(self) -> None:
         require(bool(self.window_sizes), "window_sizes must name at least one window size")
 
+    @property
+    def uses_segments(self) -> bool:
+        """Whether the model takes SAM segments (CMPAGL never does)."""
+        return self.use_segments and self.family == "urbancross"
+
 
 @dataclass(frozen=True)
 class LossConfig(Section):
@@ -256,7 +270,8 @@ class LossConfig(Section):
     segment_text_weight: float = num(0.5, ge=0)
     image_segment_weight: float = num(0.25, ge=0)
     intra_class_weight: float = num(0.1, ge=0)  # used by kind=triplet (CMPAGL)
-    pre_align_weight: float = num(0.1, ge=0)  # used when model.pre_align is on
+    pre_align_weight: float = num(0.1, ge=0)  # used when model.pre_align is on, and by model.family=cmpagl
+    itm_weight: float = num(1.0, ge=0)  # model.family=cmpagl: matching-head loss on mined hard negatives
 
 
 @dataclass(frozen=True)
@@ -367,6 +382,7 @@ class EvaluateConfig(Section):
     num_gpus: float = num(0.0, ge=0)
     concurrency: int = num(1, ge=1)  # embedding actors
     output: str = ""  # report folder; empty = <out_dir>/evaluate
+    rerank_k: int = num(16, ge=1)  # model.family=cmpagl: each query's top k re-scored by the matching head
 
     def check(self) -> None:
         require(len(self.ks) >= 1, f"ks must be positive integers, got {self.ks}")

@@ -32,6 +32,14 @@ BENCHMARK = "benchmark"  # <out_dir>/benchmark: the synthesized manifest when no
 CONFIG_FILE = "config.yaml"
 
 
+# `urbancross demo --method M`: the settings of each model family, applied before any --set.
+# CMPAGL: its objective (hardest-negative triplet + intra-class, the contrastive pre-alignment as
+# the main term, ITM on mined negatives) and the lr bench/cmpagl_learning.py uses for it.
+METHODS = {
+    "urbancross": [],
+    "cmpagl": ["model.family=cmpagl", "loss.kind=triplet", "loss.pre_align_weight=1.0", "train.lr=3e-4"],
+}
+
 TIMINGS_FILE = "timings.json"  # each stage's start (Unix time) and wall seconds, for benchmarks
 
 

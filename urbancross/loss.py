@@ -122,9 +122,10 @@ def itm_hard_negative(itm_logits: Tensor, weights: Tensor | None = None) -> Tens
     `itm_logits` [B,3,2] (index 1 = match): (image i, text i) -> match, (image i, its hardest
     negative text) -> no match, (text i's hardest negative image, text i) -> no match.
     """
-    b = itm_logits.shape[0]
-    target = torch.tensor([1, 0, 0], device=itm_logits.device).expand(b, 3)
-    ce = F.cross_entropy(itm_logits.reshape(-1, 2), target.reshape(-1), reduction="none").reshape(b, 3)
+    b, n = itm_logits.shape[:2]  # n = 1: a batch of one sample has no negatives, only its positive pair
+    target = torch.zeros(b, n, dtype=torch.long, device=itm_logits.device)
+    target[:, 0] = 1
+    ce = F.cross_entropy(itm_logits.reshape(-1, 2), target.reshape(-1), reduction="none").reshape(b, n)
     return weighted_mean(ce.mean(dim=1), weights)
 
 

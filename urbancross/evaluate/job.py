@@ -20,6 +20,7 @@ from urbancross import storage
 from urbancross.config import Config, local_absolute
 from urbancross.data.ingest import read_split
 from urbancross.evaluate.report import to_markdown, write_report
+from urbancross.evaluate.rerank import domain_stages
 from urbancross.evaluate.scoring import domain_metrics
 from urbancross.model.embed import embed_dataset, embed_table
 from urbancross.model.factory import create_model
@@ -67,12 +68,14 @@ def run_evaluate(cfg: Config, models: Mapping[str, Any] | None = None, *, use_ra
     records = []
     for name, entry in entries.items():
         log.info("evaluate: embedding %d %s images with %s (%s)", table.num_rows, cfg.data.test_split, name, entry["path"])
-        if use_ray:
-            emb = embed_dataset(entry["path"], table, cfg)
-        else:
-            emb = embed_table(create_model(cfg.model, pretrained=entry["path"]), table, cfg)
+        model = None if use_ray else create_model(cfg.model, pretrained=entry["path"])
+        emb = embed_dataset(entry["path"], table, cfg) if use_ray else embed_table(model, table, cfg)
         meta = {"model": name, "trained_on": entry["trained_on"], "adapted_to": entry["adapted_to"]}
-        records += [{**meta, **r} for r in domain_metrics(emb, cfg.evaluate)]
+        found = domain_metrics(emb, cfg.evaluate)
+        if cfg.model.family == "cmpagl":  # + each retrieval stage: pre-aligned ranking, matching-head re-scoring, SMR
+            stages = domain_stages(cfg, table, emb, weights=entry["path"], model=model)
+            found = [{**r, "stages": stages[r["tested_on"]]} for r in found]
+        records += [{**meta, "method": cfg.model.family, **r} for r in found]
     out_dir = cfg.evaluate.output or str(Path(cfg.out_dir) / "evaluate")
     paths = write_report(records, out_dir)
     with mlflow_run(cfg, "evaluate"):
@@ -81,6 +84,7 @@ def run_evaluate(cfg: Config, models: Mapping[str, Any] | None = None, *, use_ra
             log_metrics({prefix + k: v for k, v in r.items() if isinstance(v, float)})
             log_metrics({prefix + "smr_" + k: v for k, v in r.get("smr", {}).items()})
             log_metrics({prefix + "image_only_" + k: v for k, v in r.get("image_only", {}).items()})
+            log_metrics({f"{prefix}{stage}_{k}": v for stage, m in r.get("stages", {}).items() for k, v in m.items()})
         log_json_artifact(records, "cross_domain.json")
         for kind in ("md", "png"):
             mlflow.log_artifact(paths[kind])

@@ -46,9 +46,14 @@ def pivot(
 def to_markdown(records: Sequence[Record], metric: str = "mR") -> str:
     """One table per scoring (plain, SMR re-ranked, image only): trained-on rows x tested-on columns.
 
-    A model that fuses segments is scored plain (fused) and image-only, both in the report."""
+    A model that fuses segments is scored plain (fused) and image-only, both in the report; a
+    CMPAGL model also after matching-head re-scoring, without and with SMR."""
     parts = []
-    titles = {"": metric, "smr": f"{metric} with SMR re-ranking", "image_only": f"{metric}, image only (without segments)"}
+    titles = {"": metric, "smr": f"{metric} with SMR re-ranking", "image_only": f"{metric}, image only (without segments)",
+              "stage_itm": f"{metric}, CMPAGL: top k re-scored by the matching head",
+              "stage_itm_smr": f"{metric}, CMPAGL: top k re-scored by the matching head, then SMR"}
+    # CMPAGL's `stages`: prealign = the plain table, prealign_smr = the SMR one; the other two get their own
+    records = [{**r, **{f"stage_{k}": v for k, v in r.get("stages", {}).items()}} for r in records]
     for scoring, title in titles.items():
         if scoring and not any(scoring in r for r in records):
             continue

@@ -89,7 +89,16 @@ def rerank_stages(
     pairs = candidate_pairs(s, k)
     scores = [torch.as_tensor(score_pairs(pairs[b : b + batch_size])).float().reshape(-1).cpu()
               for b in range(0, pairs.shape[0], batch_size)]
-    r = itm_matrix(s, pairs, torch.cat(scores) if scores else torch.zeros(0), sim_weight)
+    return stages_from_scores(s, pairs, torch.cat(scores) if scores else torch.zeros(0), smr=smr, sim_weight=sim_weight)
+
+
+def stages_from_scores(
+    similarity, pairs: torch.Tensor, scores: torch.Tensor, *, smr: SMRConfig, sim_weight: float = 0.1
+) -> dict[str, torch.Tensor]:
+    """`rerank_stages` when the candidate `pairs`' match probabilities are already known
+    (e.g. scored by a Ray Data stage, `score_candidates`)."""
+    s = _matrix(similarity)
+    r = itm_matrix(s, pairs, scores, sim_weight)
     on = dataclasses.replace(smr, enabled=True)
     return {"prealign": s, "prealign_smr": smr_rerank(s, on), "itm": r, "itm_smr": smr_rerank(r, on)}
 
@@ -108,3 +117,93 @@ def _matrix(similarity) -> torch.Tensor:
     if s.numel() and (float(s.min()) < -1.0 - 1e-4 or float(s.max()) > 1.0 + 1e-4):
         raise ValueError("similarity must be cosine similarities in [-1, 1] (not logits)")
     return s
+
+
+# ---------------------------------------------------------------------- the evaluation job's stage
+
+
+class CandidateScorer:
+    """Ray Data actor (and the in-process path): manifest rows of gallery images, each with the
+    token ids of its candidate captions (`cand_tokens`, a list per row) and their pair indices
+    (`cand_pair`) -> `pair` [P], `score` [P] (the matching head's P(match)). The image is decoded
+    and encoded once for all its candidates; the model is loaded once per actor."""
+
+    def __init__(self, cfg, weights: str | None = None, model=None):
+        from urbancross.model.factory import create_model
+        from urbancross.model.inputs import ModelInputs
+
+        torch.set_num_threads(max(1, int(cfg.evaluate.num_cpus)))
+        if model is None:  # an actor: on its GPU when `evaluate.num_gpus` > 0, as the embedding actors
+            device = "cuda" if cfg.evaluate.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+            model = create_model(cfg.model, pretrained=weights).eval().to(device)
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.inputs = ModelInputs(cfg, train=False)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cand_tokens, cand_pair = batch.pop("cand_tokens"), batch.pop("cand_pair")
+        x = self.inputs(batch)
+        _, image_tokens = self.model.image_features(torch.as_tensor(x["images"]).to(self.device))
+        owner = np.concatenate([np.full(len(p), i) for i, p in enumerate(cand_pair)]).astype(np.int64)
+        if len(owner) == 0:
+            return {"pair": np.zeros(0, np.int64), "score": np.zeros(0, np.float32)}
+        tokens = torch.as_tensor(np.stack([np.asarray(t, dtype=np.int64) for ts in cand_tokens for t in ts])).to(self.device)
+        score = self.model.match_score(image_tokens[torch.as_tensor(owner, device=self.device)], tokens)
+        return {"pair": np.concatenate([np.asarray(p, dtype=np.int64) for p in cand_pair]), "score": score.float().cpu().numpy()}
+
+
+def score_candidates(cfg, table, image_ids: np.ndarray, texts: list[str], owner: np.ndarray, pairs: torch.Tensor,
+                     *, weights: str | None = None, model=None) -> torch.Tensor:
+    """P(match) [P] of the candidate `pairs` (gallery image index, caption index) of one gallery:
+    `image_ids` [N] its images (gallery order), `texts` [M] its captions. A Ray Data stage over
+    the images (actors load `weights`) when `model` is None, else in-process with `model`."""
+    import pyarrow as pa
+
+    from urbancross.model.embed import actor_map, numpy_batches
+    from urbancross.model.factory import get_tokenizer
+
+    del owner  # the pairs name captions directly
+    ids = table.column("image_id").to_pylist()
+    where = {str(i): r for r, i in enumerate(ids)}
+    rows = table.take([where[str(i)] for i in image_ids])
+    token_ids = np.asarray(get_tokenizer(cfg.model)(list(texts)), dtype=np.int64)
+    by_image: list[list[int]] = [[] for _ in range(len(image_ids))]
+    for p, (i, _) in enumerate(pairs.tolist()):
+        by_image[i].append(p)
+    rows = rows.append_column("cand_pair", pa.array(by_image, type=pa.list_(pa.int64())))
+    rows = rows.append_column("cand_tokens", pa.array([[token_ids[pairs[p, 1]].tolist() for p in ps] for ps in by_image],
+                                                      type=pa.list_(pa.list_(pa.int64()))))
+    if model is None:
+        parts = actor_map(rows, CandidateScorer, {"cfg": cfg, "weights": weights}, cfg)
+    else:
+        scorer = CandidateScorer(cfg, model=model)
+        parts = [scorer(b) for b in numpy_batches(rows, cfg.evaluate.batch_size)]
+    scores = torch.zeros(pairs.shape[0])
+    for part in parts:
+        scores[torch.as_tensor(np.asarray(part["pair"], dtype=np.int64))] = torch.as_tensor(np.asarray(part["score"], dtype=np.float32))
+    return scores
+
+
+def domain_stages(cfg, table, emb: dict[str, np.ndarray], *, weights: str | None = None, model=None) -> dict[str, dict]:
+    """Per test domain, every stage's metrics (`STAGES`): the gallery ranked by the pre-aligned
+    similarity, its top `evaluate.rerank_k` re-scored by the matching head (`score_candidates`),
+    each with and without SMR."""
+    from urbancross.data.ingest import caption_texts
+    from urbancross.evaluate.scoring import gallery
+
+    out = {}
+    captions = {str(r["image_id"]): caption_texts(r, cfg) for r in table.to_pylist()}
+    for domain in sorted({str(d) for d in emb["domain"]}):
+        images, text_vecs, owner = gallery(emb, domain)
+        ids = emb["image_id"][np.flatnonzero(emb["domain"].astype(str) == domain)]
+        counts = emb["num_captions"][np.flatnonzero(emb["domain"].astype(str) == domain)]
+        texts = [c for i, n in zip(ids, counts) for c in captions[str(i)][: int(n)]]
+        if len(texts) != len(text_vecs):
+            raise RuntimeError(f"{domain}: {len(texts)} captions but {len(text_vecs)} caption embeddings")
+        s = torch.as_tensor(images) @ torch.as_tensor(text_vecs).T
+        pairs = candidate_pairs(s, cfg.evaluate.rerank_k)
+        scores = score_candidates(cfg, table, ids, texts, owner, pairs, weights=weights, model=model)
+        stages = stages_from_scores(s.clamp(-1, 1), pairs, scores, smr=cfg.evaluate.smr)
+        out[domain] = {name: {k: float(v) for k, v in m.items()} for name, m in stage_metrics(stages, owner, cfg.evaluate.ks).items()}
+    return out

@@ -165,7 +165,7 @@ class CMPAGLModel(nn.Module):
     ) -> dict[str, torch.Tensor | None]:
         """-> `image, text, fused, pre_image, pre_text, logit_scale, segments, segment_mask`
         (+ `itm_logits` [B,3,2]: per sample, its positive pair, (image b, hardest negative text),
-        (hardest negative image, text b); `itm_negatives`: (text index per image, image index per text)).
+        (hardest negative image, text b), or [1,1,2] for a batch of one; `itm_negatives`: (text index per image, image index per text)).
 
         `fused`/`pre_*` are the pre-aligned embeddings themselves, so `retrieval_loss` with
         kind=triplet gives triplet + intra-class on them plus the pre-alignment InfoNCE.
@@ -185,7 +185,10 @@ class CMPAGLModel(nn.Module):
             "segment_mask": None,
             "logit_scale": self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE),
         }
-        if itm:
+        if itm and image.shape[0] < 2:  # nothing to mine (an epoch's last batch of one): the positive pair only
+            out["itm_logits"] = self.itm_logits(image_tokens, states, mask).unsqueeze(1)
+            out["itm_negatives"] = None
+        elif itm:
             text_of_image, image_of_text = hardest_negatives((image @ text.T).detach(), same)
             logits = self.itm_logits(
                 torch.cat([image_tokens, image_tokens, image_tokens[image_of_text]]),

@@ -32,6 +32,11 @@ from urbancross.model.inputs import ModelInputs
 BATCH_TENSORS = ("images", "tokens", "segments", "segment_mask")  # the columns of ModelInputs a model takes
 
 
+def fuses_segments(model: nn.Module) -> bool:
+    """An UrbanCross model with segment fusion (CMPAGL's `fusion` is its text-image fusion encoder)."""
+    return hasattr(model, "fuse") and getattr(model, "fusion", None) is not None
+
+
 def embed_images(model: nn.Module, images: torch.Tensor, segments=None, segment_mask=None) -> torch.Tensor:
     """[B,3,H,W] (+ segments [B,S,3,H,W], mask [B,S]) -> L2-normalised retrieval embeddings [B,D]."""
     return embed_images_both(model, images, segments, segment_mask)[0]
@@ -41,7 +46,7 @@ def embed_images_both(model: nn.Module, images: torch.Tensor, segments=None, seg
     """(retrieval embeddings, the tiles' own embeddings without segments); the same tensor twice
     when the model does not fuse."""
     image = model.encode_image(images)
-    if getattr(model, "fusion", None) is None:
+    if not fuses_segments(model):
         return image, image
     if segments is None:
         segments = images.new_zeros(images.shape[0], 1, *images.shape[1:])
@@ -80,7 +85,7 @@ def embed_rows(model: nn.Module, inputs: ModelInputs, rows: Mapping[str, np.ndar
     batch = {k: torch.as_tensor(x[k]).to(device) for k in BATCH_TENSORS if k in x}
     image, image_only = embed_images_both(model, batch["images"], batch.get("segments"), batch.get("segment_mask"))
     out = {"image_id": x["image_id"], "domain": x["domain"], "image": image.float().cpu().numpy()}
-    if getattr(model, "fusion", None) is not None:
+    if fuses_segments(model):
         out["image_only"] = image_only.float().cpu().numpy()
     if not texts:
         return out

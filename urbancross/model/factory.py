@@ -26,7 +26,10 @@ from torchvision import transforms as T
 
 from urbancross import storage
 from urbancross.config import ModelConfig
+from urbancross.model.cmpagl import SIZES as CMPAGL_SIZES
+from urbancross.model.cmpagl import CMPAGLModel, build_cmpagl
 from urbancross.model.model import UrbanCrossModel
+from urbancross.model.text_bert import BertTextTokenizer, read_vocab
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +77,25 @@ def _open_clip_config(cfg: ModelConfig) -> dict:
 
 def image_size(cfg: ModelConfig) -> int:
     """Input side length in pixels (images and segment crops alike)."""
+    if cfg.family == "cmpagl":
+        return CMPAGL_SIZES[cfg.cmpagl_size].image.image_size
     size = _open_clip_config(cfg)["vision_cfg"]["image_size"]
     return int(size if isinstance(size, int) else size[0])
 
 
 def get_tokenizer(cfg: ModelConfig) -> Callable[[list[str]], torch.LongTensor]:
-    """open_clip's tokenizer for the preset, padded/truncated to the text tower's context length."""
+    """open_clip's tokenizer for the preset, padded/truncated to the text tower's context length;
+    for CMPAGL the BERT WordPiece tokenizer (the shipped tiny vocabulary, or `bert_dir`'s)."""
+    if cfg.family == "cmpagl":
+        return _cmpagl_tokenizer(cfg.bert_dir, CMPAGL_SIZES[cfg.cmpagl_size].context_length)
     return open_clip.get_tokenizer(open_clip_name(cfg))
+
+
+@functools.cache
+def _cmpagl_tokenizer(bert_dir: str, context_length: int) -> BertTextTokenizer:
+    if bert_dir:
+        return BertTextTokenizer.from_dir(bert_dir, context_length)
+    return BertTextTokenizer(read_vocab(), context_length)
 
 
 def _to_rgb(img):
@@ -135,6 +150,12 @@ def create_model(cfg: ModelConfig, *, pretrained: str | None = None) -> UrbanCro
     file, and the run says it once at INFO (`announce_weights`).
     """
     path = cfg.pretrained if pretrained is None else pretrained
+    if cfg.family == "cmpagl":
+        model = build_cmpagl(cfg.cmpagl_size, swin_dir=cfg.swin_dir or None, bert_dir=cfg.bert_dir or None,
+                             global_local=cfg.gswin_global)
+        if path:
+            log.debug("%s", describe_load(load_weights(model, path, preset="cmpagl")))
+        return model
     model = _build(cfg, loads_weights=bool(path))
     if path:
         log.debug("%s", describe_load(load_weights(model, path, preset=cfg.preset)))
@@ -148,7 +169,10 @@ def announce_weights(cfg: ModelConfig, path: str) -> dict:
     a checkpoint that does not fit fails here in one line, before any worker starts. Returns
     the `load_weights` report with the file's `sha256` prefix.
     """
-    report = load_weights(_build(cfg, loads_weights=True), path, preset=cfg.preset)
+    if cfg.family == "cmpagl":
+        report = load_weights(create_model(cfg, pretrained=""), path, preset="cmpagl")
+    else:
+        report = load_weights(_build(cfg, loads_weights=True), path, preset=cfg.preset)
     local = storage.local_path(path) if storage.is_remote(path) else path
     if local is not None:
         report["sha256"] = sha256_prefix(local)
@@ -203,7 +227,7 @@ def describe_load(report: dict) -> str:
     )
 
 
-def load_weights(model: UrbanCrossModel, path: str, preset: str = "?") -> dict:
+def load_weights(model: UrbanCrossModel | CMPAGLModel, path: str, preset: str = "?") -> dict:
     """Load a checkpoint (a local path or a storage URI) into `model`; a misfit raises `CheckpointError`.
 
     Returns what was loaded: `path`, `into` (the whole model or its CLIP towers), `tensors`
@@ -232,6 +256,10 @@ def load_weights(model: UrbanCrossModel, path: str, preset: str = "?") -> dict:
         state = read_state_dict(path)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise CheckpointError(f"{path}: not a readable checkpoint: {e}") from e
+    if isinstance(model, CMPAGLModel):  # CMPAGL files are whole-model state dicts (`save_model`)
+        _check_fit(model, state, path, preset)
+        model.load_state_dict(state)
+        return _report(path, "the whole model", model, state, model, "")
     if any(k.startswith("clip.") for k in state):
         _check_fit(model, state, path, preset)
         model.load_state_dict(state)
@@ -301,7 +329,7 @@ def _check_fit(module: torch.nn.Module, state: dict, path: str, preset: str) -> 
     )
 
 
-def save_model(model: UrbanCrossModel, path: str | os.PathLike) -> None:
+def save_model(model: UrbanCrossModel | CMPAGLModel, path: str | os.PathLike) -> None:
     """Write the full state dict atomically; `create_model(cfg, pretrained=path)` loads it back."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     storage.write_with(path, lambda f: torch.save({"state_dict": state}, f))  # a local path or a storage URI

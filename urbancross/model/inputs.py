@@ -61,7 +61,7 @@ class ModelInputs:
             "tokens": tokens.reshape(len(rows), CAPTIONS_PER_SAMPLE, -1),
             "num_captions": np.array(counts, dtype=np.int64),
         }
-        if self.cfg.model.use_segments:
+        if self.cfg.model.uses_segments:
             out["segments"], out["segment_mask"] = self._segments(rows, images.shape[1:])
         if self.keep_ids:
             out["image_id"] = np.array([str(r["image_id"]) for r in rows], dtype=object)

@@ -95,7 +95,7 @@ def log_model(model_path: str, cfg: Config, name: str = "model") -> str:
             signature=signature(embed_dim),
             code_paths=[str(PACKAGE_DIR)],
             pip_requirements=requirements(),
-            metadata={"preset": cfg.model.preset, "embed_dim": embed_dim, "model_config": cfg.to_dict()["model"]},
+            metadata={"family": cfg.model.family, "preset": cfg.model.preset, "embed_dim": embed_dim, "model_config": cfg.to_dict()["model"]},
         )
     return info.model_uri
 

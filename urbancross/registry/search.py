@@ -4,11 +4,14 @@ The index is one Parquet file (`image_id`, `domain`, `vector`), built by Ray Dat
 inference: each actor loads the logged model once (from `models:/NAME@alias`, `runs:/...`;
 weights and config read as data, `pyfunc.load_urbancross`)
 and embeds images exactly as evaluation does (`model.embed.embed_rows`). The file
-records which model built it, and a query is refused if the dimensions disagree.
+records which model built it, and a query is refused if the dimensions disagree. A CMPAGL
+model's index also holds each image's fusion-encoder tokens, and its search re-scores the
+nearest `evaluate.rerank_k` images with the matching head (as evaluation's `itm` stage).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -16,6 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from urbancross.atomic import write_file
 from urbancross.config import Config
@@ -30,6 +34,12 @@ log = logging.getLogger(__name__)
 
 MODEL_KEY = b"urbancross.model_uri"
 MANIFEST_KEY = b"urbancross.manifest"  # the manifest whose images were embedded (lat/lon, thumbnails for `serve`)
+TOKENS_KEY = b"urbancross.fusion_token_shape"  # CMPAGL indexes: each image's fusion-encoder tokens [N,W]
+RERANK_WEIGHT = 0.1  # as `evaluate.rerank.itm_matrix`'s sim_weight: the similarity breaks near-ties of P(match)
+
+
+def is_cmpagl(model) -> bool:
+    return hasattr(model, "match_score")
 
 
 class IndexEmbedder:
@@ -41,8 +51,13 @@ class IndexEmbedder:
         self.cfg = cfg.override({"model": model_cfg.model, "data.manifest": manifest}, where=f"{model_uri} on {manifest}")
         self.inputs = ModelInputs(self.cfg, train=False, keep_ids=True)
 
+    @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return embed_rows(self.model, self.inputs, batch, self.cfg, texts=False)
+        out = embed_rows(self.model, self.inputs, batch, self.cfg, texts=False)
+        if is_cmpagl(self.model):  # what the matching head re-scores a query's top k with
+            tokens = self.model.image_features(torch.as_tensor(self.inputs(batch)["images"]))[1]
+            out["fusion_tokens"] = tokens.float().numpy()
+        return out
 
 
 def build_index(
@@ -62,20 +77,29 @@ def build_index(
     order = np.argsort(ids, kind="stable")
     vectors = np.concatenate([np.asarray(p["image"], dtype=np.float32) for p in parts])[order]
     domains = np.concatenate([np.asarray(p["domain"]).astype(str) for p in parts])[order]
-    write_index(ids[order], domains, vectors, out, model_uri, manifest=str(manifest))
+    tokens = np.concatenate([np.asarray(p["fusion_tokens"], dtype=np.float32) for p in parts])[order] if "fusion_tokens" in parts[0] else None
+    write_index(ids[order], domains, vectors, out, model_uri, tokens, manifest=str(manifest))
     return {"index": str(out), "images": int(len(ids)), "embed_dim": int(vectors.shape[1]), "model": model_uri}
 
 
-def write_index(ids, domains, vectors: np.ndarray, out: str, model_uri: str, manifest: str = "") -> None:
-    """One Parquet file, written beside `out` and renamed: a reader never sees half an index."""
+def write_index(
+    ids, domains, vectors: np.ndarray, out: str, model_uri: str, tokens: np.ndarray | None = None, manifest: str = ""
+) -> None:
+    """One Parquet file, written beside `out` and renamed: a reader never sees half an index.
+    `tokens` [N,T,W]: a CMPAGL model's fusion tokens per image (column `fusion_tokens`);
+    `manifest`: the manifest whose images were embedded (lat/lon, thumbnails for `serve`)."""
     dim = vectors.shape[1]
-    table = pa.table(
-        {
-            "image_id": pa.array(list(ids), pa.string()),
-            "domain": pa.array(list(domains), pa.string()),
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
-        }
-    ).replace_schema_metadata({MODEL_KEY: model_uri.encode(), MANIFEST_KEY: manifest.encode()})
+    columns = {
+        "image_id": pa.array(list(ids), pa.string()),
+        "domain": pa.array(list(domains), pa.string()),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
+    }
+    meta = {MODEL_KEY: model_uri.encode(), MANIFEST_KEY: manifest.encode()}
+    if tokens is not None:
+        per = int(np.prod(tokens.shape[1:]))
+        columns["fusion_tokens"] = pa.FixedSizeListArray.from_arrays(pa.array(tokens.reshape(-1), pa.float32()), per)
+        meta[TOKENS_KEY] = json.dumps(list(tokens.shape[1:])).encode()
+    table = pa.table(columns).replace_schema_metadata(meta)
     write_file(out, lambda tmp: pq.write_table(table, tmp))
 
 
@@ -96,6 +120,16 @@ def read_index(path: str) -> tuple[list[str], list[str], np.ndarray, str]:
 def index_manifest(path: str) -> str:
     """The manifest an index was built from ("" for an index written before it was recorded)."""
     return (pq.read_schema(path).metadata or {}).get(MANIFEST_KEY, b"").decode()
+
+
+def read_fusion_tokens(path: str) -> np.ndarray | None:
+    """A CMPAGL index's fusion tokens [N,T,W], or None (an UrbanCross index)."""
+    table = pq.read_table(path)
+    shape = (table.schema.metadata or {}).get(TOKENS_KEY)
+    if shape is None or "fusion_tokens" not in table.column_names:
+        return None
+    flat = np.asarray(table.column("fusion_tokens").combine_chunks().flatten(), dtype=np.float32)
+    return flat.reshape(table.num_rows, *json.loads(shape))
 
 
 def top_k(vectors: np.ndarray, query: np.ndarray, k: int, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -124,8 +158,26 @@ def search(model_uri: str, index: str, query: str, top: int = 5) -> list[dict[st
     model, model_cfg = load_urbancross(model_uri)  # weights as data, never the pickled pyfunc
     qvec = embed_texts(model, get_tokenizer(model_cfg.model), [query])[0]
     check_dims(index, vectors, qvec.shape[0], model_uri, built_with)
-    order, scores = top_k(vectors, qvec, top)
+    if is_cmpagl(model):
+        order, scores = rescore(model, get_tokenizer(model_cfg.model), query, index, vectors, qvec, top, model_cfg.evaluate.rerank_k)
+    else:
+        order, scores = top_k(vectors, qvec, top)
     return [{"image_id": ids[i], "domain": domains[i], "score": float(s)} for i, s in zip(order, scores)]
+
+
+@torch.no_grad()
+def rescore(model, tokenize, query: str, index: str, vectors: np.ndarray, qvec: np.ndarray, top: int, k: int):
+    """CMPAGL search: the `max(top, k)` nearest images by the pre-aligned similarity s, re-scored
+    by the matching head p and ordered by 0.9 p + 0.1 (s + 1) / 2 (as evaluation's `itm` stage)."""
+    tokens = read_fusion_tokens(index)
+    if tokens is None:
+        raise ValueError(f"{index}: built without fusion tokens; rebuild it with `urbancross index` for a CMPAGL model")
+    order, sims = top_k(vectors, qvec, max(top, k))
+    ids = torch.as_tensor(np.asarray(tokenize([query]))).expand(len(order), -1)
+    p = model.match_score(torch.as_tensor(tokens[order]), ids).float().numpy()
+    scores = (1 - RERANK_WEIGHT) * p + RERANK_WEIGHT * (sims + 1) / 2
+    best = np.argsort(-scores, kind="stable")[:top]
+    return order[best], scores[best]
 
 
 def format_results(results: list[dict[str, Any]]) -> str:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from urbancross.loss import retrieval_loss
+from urbancross.loss import cmpagl_loss
 from urbancross.model.embed import embed_batch
 
 # --------------------------------------------------------------------------- reversal + discriminator
@@ -225,10 +225,12 @@ class AdaptObjective(nn.Module):
         sel = take_rows(s_out, idx, source["images"].shape[0])
         on_domain = self.cfg.weighted_term == "domain"
         labels = source.get("label")
-        ret, _ = retrieval_loss(sel, self.loss_cfg, weights=None if on_domain else w.to(sel["fused"].dtype),
-                                labels=None if labels is None else labels[idx])
+        # cmpagl_loss = retrieval_loss (+ the matching head's loss for a CMPAGL model, so it keeps training)
+        itm = self.loss_cfg.itm_weight
+        ret, _ = cmpagl_loss(sel, self.loss_cfg, weights=None if on_domain else w.to(sel["fused"].dtype),
+                             labels=None if labels is None else labels[idx], itm_weight=itm)
         if self.cfg.use_target_captions:  # the labelled-target setting: its scene classes too
-            ret = ret + retrieval_loss(t_out, self.loss_cfg, labels=target.get("label"))[0]
+            ret = ret + cmpagl_loss(t_out, self.loss_cfg, labels=target.get("label"), itm_weight=itm)[0]
 
         keys = ("fused", "text") if self.cfg.disc_inputs == "image_text" else ("fused",)
         src = torch.cat([sel[k] for k in keys])

@@ -187,7 +187,7 @@ class Cache:
 def row_bytes(cfg: Config, image_side: int, token_length: int) -> int:
     """Decoded size of one cached row: image, all captions' tokens, segment crops."""
     image = 3 * image_side * image_side
-    segments = cfg.data.num_segments * (image + 1) if cfg.model.use_segments else 0
+    segments = cfg.data.num_segments * (image + 1) if cfg.model.uses_segments else 0
     return 8 + image + 5 * token_length * 4 + segments
 
 
@@ -205,7 +205,9 @@ def fingerprint(cfg: Config, table) -> str:
 
     h = hashlib.blake2b(digest_size=8)
     d, m = cfg.data, cfg.model
-    h.update(json.dumps([d.root, m.preset, m.use_segments, d.num_segments, d.use_refined_captions]).encode())
+    h.update(json.dumps([d.root, m.preset, m.uses_segments, d.num_segments, d.use_refined_captions]).encode())
+    if m.family != "urbancross":  # another tokenizer and image size (urbancross fingerprints unchanged)
+        h.update(json.dumps([m.family, m.cmpagl_size, m.bert_dir]).encode())
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)

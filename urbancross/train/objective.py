@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from urbancross.loss import retrieval_loss
+from urbancross.loss import cmpagl_loss, retrieval_loss
 from urbancross.model.embed import embed_batch
 
 
@@ -49,4 +49,6 @@ class RetrievalObjective(nn.Module):
         if embed:
             return embed_batch(self.model, batch)
         out = self.model(batch["images"], batch["tokens"], batch.get("segments"), batch.get("segment_mask"))
+        if "itm_logits" in out:  # CMPAGL: + the matching head on hard negatives mined from the pre-aligned similarities
+            return cmpagl_loss(out, self.loss_cfg, labels=batch.get("label"), itm_weight=self.loss_cfg.itm_weight)
         return retrieval_loss(out, self.loss_cfg, labels=batch.get("label"))
