@@ -266,3 +266,90 @@ def test_the_serve_command_builds_a_missing_index_then_serves(app, tmp_path, mon
     assert served == [(8123, "models:/urbancross@champion", index)] and len(read_index(index)[0]) == 36  # every tile of the manifest
     assert main([*args[:-1], str(tmp_path / "other.parquet"), "--set", "data.manifest=''"]) == 2
     assert "no manifest to build it from" in capsys.readouterr().err
+
+
+def test_a_user_types_a_query_and_drags_a_box_in_headless_chromium(app, tmp_path):
+    """Chromium driven over its DevTools protocol as a user would: type into the query box,
+    press Enter, read the grid and the map markers from the DOM (the API's hits, in order), drag
+    a box around Spain on the map, and get only Spain's tiles; a screenshot is saved."""
+    import asyncio
+    import base64
+    import json
+    import shutil
+    import subprocess
+
+    websockets = pytest.importorskip("websockets")
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("no chromium (Debian: apt-get install chromium)")
+    query, port = "a lake next to a road", free_port()
+    proc = subprocess.Popen(
+        [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}",
+         "--window-size=1200,900", f"--remote-debugging-port={port}", "--remote-allow-origins=*", app["url"] + "/"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+    async def drive(ws_url: str) -> dict:
+        async with websockets.connect(ws_url, max_size=None) as ws:
+            ids = iter(range(1, 10**6))
+
+            async def call(method: str, **params):
+                n = next(ids)
+                await ws.send(json.dumps({"id": n, "method": method, "params": params}))
+                while True:
+                    msg = json.loads(await ws.recv())
+                    if msg.get("id") == n:
+                        assert "error" not in msg, msg
+                        return msg.get("result", {})
+
+            async def js(expr: str):
+                return (await call("Runtime.evaluate", expression=expr, returnByValue=True, awaitPromise=True))["result"].get("value")
+
+            async def until(expr: str, timeout: float = 60.0):
+                deadline = time.monotonic() + timeout
+                while not (value := await js(expr)):
+                    assert time.monotonic() < deadline, f"timed out waiting for {expr}"
+                    await asyncio.sleep(0.25)
+                return value
+
+            await until("document.querySelectorAll('.tile').length >= 9")  # the page has loaded /health and /tiles
+            await js("document.getElementById('k').value = '5'; document.getElementById('q').focus()")
+            await call("Input.insertText", text=query)
+            for kind in ("keyDown", "keyUp"):
+                await call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13, text="\r")
+            hits = await until("[...document.querySelectorAll('.hit')].map((e) => e.dataset.imageId)")
+            markers = await js("[...document.querySelectorAll('.marker')].map((e) => e.dataset.imageId)")
+            corners = await js(  # Spain's box (synth.py), a little wider, in page pixels
+                "(() => { const r = document.getElementById('map').getBoundingClientRect();"
+                f" return [project({SPAIN[0] - 0.5}, {SPAIN[3] + 0.5}), project({SPAIN[2] + 0.5}, {SPAIN[1] - 0.5})]"
+                ".map(([x, y]) => [r.left + x, r.top + y]); })()"
+            )
+            (x0, y0), (x1, y1) = corners
+            await call("Input.dispatchMouseEvent", type="mousePressed", x=x0, y=y0, button="left", clickCount=1)
+            await call("Input.dispatchMouseEvent", type="mouseMoved", x=(x0 + x1) / 2, y=(y0 + y1) / 2, button="left")
+            await call("Input.dispatchMouseEvent", type="mouseReleased", x=x1, y=y1, button="left", clickCount=1)
+            await until("document.getElementById('status').textContent.includes('in the box')")
+            boxed = await js("[...document.querySelectorAll('.hit')].map((e) => e.textContent)")
+            shot = base64.b64decode((await call("Page.captureScreenshot", format="png"))["data"])
+            return {"hits": hits, "markers": markers, "boxed": boxed, "shot": shot}
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                pages = [t for t in requests.get(f"http://127.0.0.1:{port}/json", timeout=5).json() if t["type"] == "page"]
+                if pages:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "chromium's DevTools endpoint did not come up"
+            time.sleep(0.5)
+        seen = asyncio.run(drive(pages[0]["webSocketDebuggerUrl"]))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    want = [h["image_id"] for h in get(app, "/search", q=query, k=5).json()["hits"]]
+    assert seen["hits"] == want and seen["markers"] == want
+    assert seen["boxed"] and all(" Spain " in text for text in seen["boxed"]), seen["boxed"]
+    (tmp_path / "typed.png").write_bytes(seen["shot"])
+    assert seen["shot"][:4] == b"\x89PNG"
