@@ -15,12 +15,27 @@ def pytest_addoption(parser):
                      help="where the `realsize` tests run their models (bench/gpu_check.sh passes cuda)")
 
 
+RAY_INIT = {"num_cpus": 2, "include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray runtime sized for a 2-core machine, shared by every Ray test."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(**RAY_INIT)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def fresh_ray(ray_session):
+    """A Ray runtime of the test's own, for tests that kill workers or stop trials: what they can
+    leave behind (a Train controller still holding its workers' placement group, seen once after
+    the killed-worker test) ends with it instead of starving the next test's tasks of CPUs."""
+    ray_session.shutdown()
+    ray_session.init(**RAY_INIT)
+    yield ray_session
+    ray_session.shutdown()
+    ray_session.init(**RAY_INIT)

@@ -308,7 +308,7 @@ def test_latest_local_checkpoint_skips_unfinished_saves(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_workers_zero2_survive_a_killed_worker_then_resume(ray_session, manifest, tmp_path):
+def test_two_workers_zero2_survive_a_killed_worker_then_resume(fresh_ray, manifest, tmp_path):
     """Rank 1 dies mid-epoch 2 (first attempt only): FailureConfig restarts the group from the
     epoch-1 checkpoint and the run completes; `--resume` with one more epoch continues at its step."""
     from urbancross.train import run_train

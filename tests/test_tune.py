@@ -317,7 +317,7 @@ def tiny_config(tmp_path: Path) -> Config:
 
 
 @pytest.mark.ray
-def test_asha_sweep_logs_child_runs_and_writes_a_best_config_that_trains(ray_session, tmp_path):
+def test_asha_sweep_logs_child_runs_and_writes_a_best_config_that_trains(fresh_ray, tmp_path):
     import mlflow
 
     from urbancross.train import run_train
