@@ -1,10 +1,13 @@
-"""Shared fixtures: one local Ray runtime per test session (starting Ray costs seconds)."""
+"""Shared fixtures: one local Ray runtime per test session (starting Ray costs seconds), and the
+small two-country benchmark the training tests share."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+
+from urbancross.config import SynthConfig
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -39,3 +42,17 @@ def fresh_ray(ray_session):
     yield ray_session
     ray_session.shutdown()
     ray_session.init(**RAY_INIT)
+
+
+# Finland: 12 images -> 9 train (test_fraction 0.25), 1 held out for validation -> 8 train
+SYNTH = SynthConfig(domains=["Finland", "Spain"], images_per_domain=12, seed=0, test_fraction=0.25, val_fraction=0.0)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    """The benchmark above, synthesized once per test module (test_train, test_cmpagl_jobs)."""
+    from urbancross.data.synth import synthesize
+
+    out = str(tmp_path_factory.mktemp("data") / "manifest")
+    synthesize(SYNTH, out)
+    return out

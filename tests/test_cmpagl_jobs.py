@@ -11,19 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from urbancross.config import SynthConfig, load_config
+from urbancross.config import load_config
 
-SYNTH = SynthConfig(domains=["Finland", "Spain"], images_per_domain=12, seed=0, test_fraction=0.25, val_fraction=0.0)
 STAGE_NAMES = {"prealign", "prealign_smr", "itm", "itm_smr"}
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    from urbancross.data.synth import synthesize
-
-    out = str(tmp_path_factory.mktemp("data") / "manifest")
-    synthesize(SYNTH, out)
-    return out
 
 
 def cmpagl_cfg(manifest: str, out_dir, *overrides: str):

@@ -11,21 +11,9 @@ import time
 import pytest
 import torch
 
-from urbancross.config import AdaptConfig, LossConfig, ModelConfig, SynthConfig, TrainConfig, load_config
+from urbancross.config import AdaptConfig, LossConfig, ModelConfig, TrainConfig, load_config
 from urbancross.train.adversarial import AdaptObjective
 from urbancross.train.deepspeed_config import deepspeed_config
-
-# Finland: 12 images -> 9 train (test_fraction 0.25), 1 held out for validation -> 8 train
-SYNTH = SynthConfig(domains=["Finland", "Spain"], images_per_domain=12, seed=0, test_fraction=0.25, val_fraction=0.0)
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    from urbancross.data.synth import synthesize
-
-    out = str(tmp_path_factory.mktemp("data") / "manifest")
-    synthesize(SYNTH, out)
-    return out
 
 
 def tiny_cfg(manifest: str, out_dir, *overrides: str):
