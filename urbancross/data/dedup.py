@@ -38,6 +38,7 @@ from urbancross.data.manifest import (
     ManifestError,
     ManifestWriter,
     check_output,
+    current,
     decode_image,
     image_bytes,
     resolve_fs,
@@ -86,7 +87,7 @@ def hash_batch(batch: pa.Table, *, manifest: int, root: str, hash_size: int) -> 
 
 
 def manifest_dataset(uri: str) -> tuple[ds.Dataset, list[str]]:
-    fs, path = resolve_fs(uri)
+    fs, path = resolve_fs(current(uri))
     try:
         dataset = ds.dataset(path, filesystem=fs, format="parquet")
     except (pa.ArrowInvalid, OSError, FileNotFoundError) as e:
@@ -126,7 +127,7 @@ def hash_with_ray(manifests: Sequence[str], sets: list, cfg: DedupConfig) -> pa.
     tables = []
     for i, (m, (_, cols)) in enumerate(zip(manifests, sets)):
         kwargs = {"manifest": i, "root": image_root(m), "hash_size": cfg.hash_size}
-        source = ray.data.read_parquet(os.path.abspath(m) if "://" not in m else m).select_columns(cols)
+        source = ray.data.read_parquet(os.path.abspath(m) if "://" not in m else current(m)).select_columns(cols)
         hashed = source.map_batches(hash_batch, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=64)
         tables += [b for b in hashed.iter_batches(batch_format="pyarrow", batch_size=None)]
     return pa.concat_tables(tables).cast(HASH_SCHEMA) if tables else HASH_SCHEMA.empty_table()
@@ -199,7 +200,7 @@ def rows_to_drop(pairs: list[dict[str, Any]], split: str) -> set[str]:
 
 def write_without(manifest: str, drop: set[str], out: str, inputs: Sequence[str], overwrite: bool) -> str:
     """A copy of `manifest` without the rows in `drop`, streamed batch by batch."""
-    fs, path = resolve_fs(manifest)
+    fs, path = resolve_fs(current(manifest))
     dataset = ds.dataset(path, filesystem=fs, format="parquet")
     mask = pc.invert(pc.field("image_id").isin(pa.array(sorted(drop), pa.string())))
     with ManifestWriter(out, inputs=inputs, overwrite=overwrite) as w:

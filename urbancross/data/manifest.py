@@ -34,7 +34,11 @@ Writing (`ManifestWriter`, `write_manifest`) never loses data:
   Linux), so a crash at any point leaves the old or the new manifest, never neither. Where the
   exchange is not available the old folder is renamed aside (`.<name>.old-<hex>`) first, and
   the next reader or writer puts it back if a crash came between the two renames.
-Remote URIs (s3://, gs://) are written in place: not atomic.
+Object stores (s3://, gs://) have no folder rename, so there a manifest is versioned: rows go
+to a new `<uri>/v-<hex>/` folder, and the commit is one write of the pointer object
+`<uri>/_MANIFEST.json` (a single PUT: readers see the old pointer or the new one), after which
+the version it replaced is deleted. `current` follows the pointer; every reader goes through it.
+A crash leaves the old manifest readable and at worst an orphan `v-<hex>/` folder (disk only).
 """
 
 from __future__ import annotations
@@ -128,6 +132,41 @@ def conform(table: pa.Table, where: str = "manifest") -> pa.Table:
 # --------------------------------------------------------------------------- safe outputs
 
 
+POINTER = "_MANIFEST.json"  # remote manifests: {"version": "v-<hex>"}, the folder holding the rows
+
+
+def _pointer(fs: pafs.FileSystem, path: str) -> dict | None:
+    try:
+        with fs.open_input_stream(f"{path}/{POINTER}") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def current(uri: str | os.PathLike) -> str:
+    """Where a manifest's rows are: `uri` itself, or for a versioned remote manifest its current version."""
+    uri = str(uri)
+    if not is_remote(uri):
+        return uri
+    fs, path = resolve_fs(uri)
+    pointer = _pointer(fs, path)
+    return f"{uri.rstrip('/')}/{pointer['version']}" if pointer and pointer.get("version") else uri
+
+
+def _is_remote_manifest(fs: pafs.FileSystem, path: str) -> bool:
+    """A remote folder of ours: a version pointer, or (a plain dataset) only Parquet files with the required columns."""
+    if _pointer(fs, path) is not None:
+        return True
+    entries = sorted(fs.get_file_info(pafs.FileSelector(path)), key=lambda e: e.path)
+    if not entries or not all(e.type == pafs.FileType.File and e.path.endswith(".parquet") for e in entries):
+        return False
+    try:
+        names = pq.read_schema(entries[0].path, filesystem=fs).names
+    except Exception:  # not Parquet at all: pyarrow raises several types
+        return False
+    return all(c in names for c in REQUIRED_COLUMNS)
+
+
 def is_manifest(path: str | os.PathLike) -> bool:
     """A folder of ours: only `*.parquet` files, the first with the required columns."""
     try:
@@ -153,7 +192,14 @@ def check_output(
             s = str(src).rstrip("/")
             if target == s or target.startswith(s + "/") or s.startswith(target + "/"):
                 raise ManifestError(f"output {out} overlaps the input {src}; write it somewhere else")
-        return
+        fs, path = resolve_fs(out)
+        kind = fs.get_file_info(path).type
+        if overwrite or kind == pafs.FileType.NotFound:
+            return
+        if kind == pafs.FileType.Directory and (not fs.get_file_info(pafs.FileSelector(path)) or _is_remote_manifest(fs, path)):
+            return
+        what = "an object" if kind == pafs.FileType.File else "a non-empty folder that is not a manifest"
+        raise ManifestError(f"output {out} exists and is {what}; refusing to replace it (pass --overwrite to replace it)")
     target = Path(out).resolve()
     for src in filter(None, inputs):
         if is_remote(src):
@@ -294,10 +340,10 @@ class ManifestWriter:
             _sweep_stale(self.path)
             self.staging = _sibling(self.path, "tmp")
             os.mkdir(self.staging)
-        else:
-            self.path = self.staging = path
-            self.fs.create_dir(path, recursive=True)
-            self.fs.delete_dir_contents(path, missing_dir_ok=True)
+        else:  # versioned: rows go to a new folder, the pointer moves at commit
+            self.path, self.version = path, f"v-{uuid.uuid4().hex[:12]}"
+            self.staging = f"{path}/{self.version}"
+            self.fs.create_dir(self.staging, recursive=True)
         self._open = True
 
     def __enter__(self) -> "ManifestWriter":
@@ -338,8 +384,27 @@ class ManifestWriter:
         self._close_file()
         if self.local:
             replace_dir(self.staging, self.path)
+        else:
+            self._commit_remote()
         self._open = False
-        return self.path
+        return self.path if self.local else self.uri
+
+    def _commit_remote(self) -> None:
+        """Move the pointer to the new version (one PUT), then delete what it replaced."""
+        from urbancross import atomic
+
+        old = _pointer(self.fs, self.path)
+        stale = [e for e in self.fs.get_file_info(pafs.FileSelector(self.path))
+                 if e.type == pafs.FileType.File and e.path.endswith(".parquet")]  # a plain dataset we replace
+        body = json.dumps({"version": self.version, "rows": self.rows}).encode()
+        atomic.write_fs(self.fs, f"{self.path}/{POINTER}", lambda f: f.write(body))
+        try:
+            if old and old.get("version") and old["version"] != self.version:
+                self.fs.delete_dir(f"{self.path}/{old['version']}")
+            for e in stale:
+                self.fs.delete_file(e.path)
+        except OSError as e:  # the new manifest is in place: a leftover is disk, not data loss
+            log.warning("could not remove the replaced version under %s (%s); delete it by hand", self.uri, e)
 
     def abort(self) -> None:
         """Discard what was written (the staging folder); the target is untouched."""
@@ -350,6 +415,11 @@ class ManifestWriter:
             pass
         if self.local:
             _remove(self.staging)
+        else:
+            try:
+                self.fs.delete_dir(self.staging)
+            except OSError:
+                pass
 
 
 def write_manifest(
@@ -371,7 +441,7 @@ def read_manifest(uri: str | os.PathLike, *, columns: list[str] | None = None) -
     """Read a manifest folder (or single Parquet file), validated against the schema."""
     if not str(uri).strip():  # "" resolves to the working directory: refuse it rather than read what lies there
         raise ManifestError("manifest path is empty: set data.manifest (or pass the manifest folder)")
-    fs, path = resolve_fs(uri)
+    fs, path = resolve_fs(current(uri))
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound and not (isinstance(fs, pafs.LocalFileSystem) and restore_interrupted(path)):
         raise ManifestError(f"{uri}: no such manifest")
