@@ -1,11 +1,13 @@
 """Disk full while writing a manifest or a checkpoint: the previous version stays whole and
-nothing half-written is left behind. ENOSPC is raised by a fake at the writer (a size-limited
-mount needs privileges a test run may not have)."""
+nothing half-written is left behind. ENOSPC comes from a real size-limited file system (a
+tmpfs mounted for the test, where the run may mount: root, as in CI) and from a fake at the
+writer (everywhere)."""
 
 from __future__ import annotations
 
 import errno
 import os
+import subprocess
 import types
 
 import pyarrow.parquet as pq
@@ -68,3 +70,57 @@ def test_each_save_stages_in_its_own_folder(tmp_path, monkeypatch):
     assert len({first, second, other_rank}) == 3
     assert all(os.path.isdir(p) and not os.listdir(p) for p in (first, second, other_rank))
     assert os.path.basename(other_rank).startswith("rank1-")
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """Mount a tmpfs of a given size under tmp_path; skip where mounting is not allowed."""
+    mounted = []
+
+    def mount(size: str):
+        where = tmp_path / f"fs{len(mounted)}"
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip() or done.returncode}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def big_rows(n: int) -> list[dict]:
+    return [{**row, "image": os.urandom(100_000)} for row in rows(n)]  # random: Parquet cannot compress it
+
+
+def test_a_real_full_disk_while_rewriting_a_manifest_keeps_the_old_one(small_fs):
+    fs = small_fs("1500k")
+    out = str(fs / "manifest")
+    write_manifest(to_table(big_rows(8)), out)
+    with pytest.raises(OSError) as e:
+        write_manifest(to_table(big_rows(16)), out, overwrite=True)
+    assert e.value.errno == errno.ENOSPC or "No space left" in str(e.value)
+    assert read_manifest(out).num_rows == 8
+    assert sorted(os.listdir(fs)) == ["manifest"]  # the staging folder is gone, and with it the space
+
+
+def test_a_real_full_disk_while_saving_a_model_keeps_the_previous_file(small_fs):
+    import torch
+
+    from urbancross.config import ModelConfig
+    from urbancross.model.factory import create_model, save_model
+
+    model = create_model(ModelConfig(use_segments=False))
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    fs = small_fs(f"{int(size * 1.5)}")  # room for one copy, not two
+    save_model(model, fs / "model.pt")
+    before = (fs / "model.pt").read_bytes()
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    with pytest.raises(OSError) as e:
+        save_model(model, fs / "model.pt")
+    assert e.value.errno == errno.ENOSPC or "No space left" in str(e.value)
+    assert (fs / "model.pt").read_bytes() == before
+    assert os.listdir(fs) == ["model.pt"]  # no temporary file left

@@ -8,6 +8,7 @@ on a pyarrow filesystem (local or remote). Folder swaps (a manifest) are not han
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -25,10 +26,22 @@ def write_file(path: str | os.PathLike, write: Callable[[str], Any]) -> str:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if _disk_full(e) and not isinstance(e, OSError):  # torch.save wraps it in a RuntimeError ("enforce fail")
+            raise OSError(errno.ENOSPC, f"no space left on device writing {path} (the previous file is kept)") from e
         raise
     return str(path)
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    """Whether ENOSPC is somewhere in the exception's chain."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> str:
