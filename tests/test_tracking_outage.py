@@ -65,3 +65,48 @@ def test_metrics_logged_during_an_outage_arrive_when_the_server_is_back(tmp_path
         assert metric_log.close() == []
         history = mlflow.MlflowClient(uri).get_metric_history(run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(1, 3.0), (2, 2.0), (3, 1.5), (4, 1.0)]
+
+
+def test_retry_rides_out_failures_then_names_what_failed():
+    from urbancross.tracking import RegistryError, retry
+
+    calls, slept = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("connection refused")
+        return "run-id"
+
+    assert retry(flaky, "trial t1: its MLflow run", sleep=slept.append) == "run-id"
+    assert slept == [2.0, 4.0]
+    slept.clear()
+    with pytest.raises(RegistryError, match="trial t1: its MLflow run: MLflow still failing after 6 tries"):
+        retry(lambda: 1 / 0, "trial t1: its MLflow run", sleep=slept.append)
+    assert slept == [2.0, 4.0, 8.0, 16.0, 32.0]
+
+
+@pytest.mark.slow
+def test_a_trial_starting_while_the_server_restarts_gets_its_child_run(tmp_path):
+    """A sweep's trial starts while the tracking server is away: it waits, then finds its run."""
+    import threading
+
+    from urbancross.config import load_config
+    from urbancross.tracking import retry
+    from urbancross.tune.sweep import child_run_id
+
+    port = free_port()
+    with mlflow_server(tmp_path, port=port) as uri:
+        client = mlflow.MlflowClient(uri)
+        parent = client.create_run(client.create_experiment("urbancross")).info.run_id
+    cfg = load_config(None, [f"mlflow.tracking_uri={uri}", f"out_dir={tmp_path / 'out'}"])
+    got: dict = {}
+    trial = threading.Thread(target=lambda: got.update(
+        run=retry(lambda: child_run_id(cfg, parent, "t1", "trial_1"), "trial_1: its MLflow run", backoff=1.0)))
+    trial.start()
+    time.sleep(2)  # the trial is retrying against a dead port
+    assert trial.is_alive() and not got
+    with mlflow_server(tmp_path, port=port):  # back, same store
+        trial.join(timeout=120)
+        run = mlflow.MlflowClient(uri).get_run(got["run"])
+    assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["tune.trial_id"] == "t1"

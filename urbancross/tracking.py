@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from urbancross.config import Config, save_config
 
@@ -46,6 +46,30 @@ def check_tracking_server(uri: str, timeout: float = 5.0) -> str:
     except (urllib.error.URLError, OSError) as e:
         problem = str(getattr(e, "reason", e))
     raise RegistryError(f"MLflow tracking server {uri} is not reachable ({problem}); start it or fix mlflow.tracking_uri")
+
+
+T = TypeVar("T")
+
+
+def retry(fn: Callable[[], T], what: str, *, attempts: int = 6, backoff: float = 2.0,
+          sleep: Callable[[float], None] = time.sleep) -> T:
+    """`fn()`, retried `attempts` times `backoff` * 2^i seconds apart (2 + 4 + ... + 32 s by default).
+
+    For the tracking calls a trial cannot start without (finding or creating its MLflow run):
+    a sweep rides out a tracking server's restart instead of failing every trial that starts
+    meanwhile. The last failure is raised as a `RegistryError` naming `what`.
+    """
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - any tracking failure is worth another try
+            problem = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            if attempt == attempts - 1:
+                raise RegistryError(f"{what}: MLflow still failing after {attempts} tries ({problem})") from e
+            wait = backoff * 2**attempt
+            log.warning("%s: MLflow failed (%s); retrying in %.0fs", what, problem, wait)
+            sleep(wait)
+    raise AssertionError("unreachable")
 
 
 def configure(cfg: Config) -> str:

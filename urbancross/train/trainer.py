@@ -34,7 +34,7 @@ from urbancross.data.ingest import caption_texts, read_split, sample_key
 from urbancross.data.manifest import ManifestError, read_manifest
 from urbancross.model.factory import announce_weights
 from urbancross.model.inputs import ModelInputs
-from urbancross.tracking import log_json_artifact, mlflow_run
+from urbancross.tracking import log_json_artifact, mlflow_run, retry
 from urbancross.train.cache import fingerprint, use_disk, write_folder
 from urbancross.train.curriculum import caption_complexity
 from urbancross.train.loop import adapt_loop_per_worker, train_loop_per_worker
@@ -293,9 +293,14 @@ def _fit(
         "checkpoint_path": result.checkpoint.path if result.checkpoint else None,
         "metrics": dict(result.metrics or {}),
     }
-    with mlflow_run(cfg, state["name"], run_id=state["mlflow_run_id"]):
-        log_json_artifact(out, f"{stage}_result.json")
-        out["model_uri"] = log_model(out["model_path"], cfg)  # what `urbancross promote --run` registers
+    def log_result() -> str:
+        with mlflow_run(cfg, state["name"], run_id=state["mlflow_run_id"]):
+            log_json_artifact(out, f"{stage}_result.json")
+            return log_model(out["model_path"], cfg)  # what `urbancross promote --run` registers
+
+    # the model and checkpoints are saved: a tracking server that is away waits for a retry, and
+    # if it stays away the error says so, and re-running the stage resumes and logs again
+    out["model_uri"] = retry(log_result, f"{stage} {state['name']}: logging the trained model")
     _write_json(storage.join(stage_dir, "model.json"), model_meta)
     _write_json(storage.join(stage_dir, RESULT_FILE), out)
     return out

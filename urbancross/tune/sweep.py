@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping
 
 from urbancross.atomic import write_json
 from urbancross.config import Config, ConfigError, config_from_dict, save_config
-from urbancross.tracking import configure, log_json_artifact, mlflow_run
+from urbancross.tracking import check_tracking_server, configure, log_json_artifact, mlflow_run, retry
 from urbancross.train.trainer import RUN_FILE, absolute_paths, run_adapt, run_train, stage1_model
 from urbancross.tune.space import Space, load_space
 
@@ -99,7 +99,7 @@ def child_run_id(cfg: Config, parent_run_id: str, trial_id: str, trial_name: str
     """Find this trial's child run under the parent, or create it (logging the trial's config)."""
     import mlflow
 
-    configure(cfg)
+    check_tracking_server(configure(cfg))  # a down server fails in milliseconds (then `retry` waits)
     client = mlflow.MlflowClient()
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     query = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`tune.trial_id` = '{trial_id}'"
@@ -148,7 +148,7 @@ def run_trial(params: dict, *, base: dict, stage: str, parent_run_id: str, runne
     ctx = tune.get_context()
     where = f"trial {ctx.get_trial_name()}"
     cfg = trial_config(base, params, where).override({"out_dir": str(Path(ctx.get_trial_dir()).resolve())}, where)
-    run_id = child_run_id(cfg, parent_run_id, ctx.get_trial_id(), ctx.get_trial_name())
+    run_id = retry(lambda: child_run_id(cfg, parent_run_id, ctx.get_trial_id(), ctx.get_trial_name()), f"{where}: its MLflow run")
     if not uses_segments(cfg):
         from ray.tune.integration.ray_train import TuneReportCallback
 
