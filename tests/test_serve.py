@@ -297,8 +297,8 @@ def test_the_serve_command_builds_a_missing_index_then_serves(app, tmp_path, mon
 def test_a_user_types_a_query_and_drags_a_box_in_headless_chromium(app, tmp_path):
     """Chromium driven over its DevTools protocol as a user would: type into the query box,
     press Enter, read the grid and Leaflet's markers from the DOM (the API's hits, in order),
-    shift-drag a box around Spain on the map and get only Spain's tiles, open a marker's popup;
-    every request the page made went to the app on 127.0.0.1; a screenshot is saved."""
+    shift-drag a box around Spain on the map and get only Spain's tiles (a screenshot is saved),
+    open a marker's popup; every request the page made went to the app on 127.0.0.1."""
     import asyncio
     import base64
     import json
@@ -366,10 +366,10 @@ def test_a_user_types_a_query_and_drags_a_box_in_headless_chromium(app, tmp_path
             boxed = await js("[...document.querySelectorAll('.hit')].map((e) => e.textContent)")
             boxed_ids = await js(ids_of.format(".hit"))
             boxed_markers = await js(ids_of.format("#map .leaflet-marker-icon"))
+            await asyncio.sleep(0.5)  # the grid's thumbnails
+            shot = base64.b64decode((await call("Page.captureScreenshot", format="png"))["data"])
             await js("document.querySelector('#map .leaflet-marker-icon').click()")
             popup = await until("document.querySelector('.leaflet-popup-content')?.textContent")
-            await asyncio.sleep(0.5)  # the popup's thumbnail
-            shot = base64.b64decode((await call("Page.captureScreenshot", format="png"))["data"])
             return {"hits": hits, "markers": markers, "boxed": boxed, "boxed_ids": boxed_ids, "boxed_markers": boxed_markers,
                     "popup": popup, "shot": shot}
 
