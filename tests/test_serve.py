@@ -181,9 +181,35 @@ def test_a_tile_added_without_restart_is_searchable(app):
 
 def test_page_is_served_and_fetches_nothing_from_elsewhere(app):
     r = get(app, "/")
-    assert r.status_code == 200 and "<svg id=\"map\"" in r.text and "/search?" in r.text
-    assert "http://" not in r.text.replace('xmlns="http://www.w3.org/2000/svg"', "").replace('"http://www.w3.org/2000/svg"', "")
-    assert "https://" not in r.text
+    assert r.status_code == 200 and '<div id="map">' in r.text and "/search?" in r.text
+    assert '<script src="/static/leaflet/leaflet.js">' in r.text and '<link rel="stylesheet" href="/static/leaflet/leaflet.css">' in r.text
+    assert "http://" not in r.text and "https://" not in r.text and '="//' not in r.text
+
+
+def test_the_map_library_is_served_from_its_package_and_nothing_outside_it(app):
+    """/static/leaflet/ serves the installed Leaflet's files (pip's copy, byte for byte) with their
+    content types; a path leading out of its folder, even to a file that exists, is a 404."""
+    import http.client
+    from urllib.parse import urlparse
+
+    from urbancross.registry.serve import library_file
+
+    js = get(app, "/static/leaflet/leaflet.js")
+    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    assert js.content == library_file("leaflet.js").read_bytes() and b"Leaflet 1.9.4" in js.content[:200]
+    assert get(app, "/static/leaflet/leaflet.css").headers["content-type"].startswith("text/css")
+    assert get(app, "/static/leaflet/images/marker-icon.png").content[:4] == b"\x89PNG"
+    assert (library_file("leaflet.js").parents[2] / "__init__.py").is_file()  # what ../../__init__.py would reach exists
+    host = urlparse(app["url"])
+    for path in ("../../__init__.py", "../../apps.py", "%2E%2E/%2E%2E/__init__.py", "..%2F..%2F__init__.py", "images", "nope.js"):
+        conn = http.client.HTTPConnection(host.hostname, host.port, timeout=30)  # sends the path as is (requests drops ../)
+        conn.request("GET", "/static/leaflet/" + path)
+        resp = conn.getresponse()
+        assert resp.status == 404 and b"__version__" not in resp.read(), path
+        conn.close()
+    for bad in ("../../__init__.py", "../../apps.py", "/etc/passwd", "images", "leaflet.js/..", "nope.js"):
+        with pytest.raises(FileNotFoundError, match="no file"):
+            library_file(bad)
 
 
 def test_alias_move_swaps_the_model_without_failing_a_request(app):
@@ -227,8 +253,8 @@ def test_alias_move_swaps_the_model_without_failing_a_request(app):
 
 
 def test_the_page_in_headless_chromium_shows_the_hits_as_a_grid_and_on_the_map(app, tmp_path):
-    """Debian's chromium loads /?q=..., which runs the search: the grid and the map markers in
-    the DOM are the API's hits, in order; a screenshot is saved beside the test's files."""
+    """Debian's chromium loads /?q=..., which runs the search: the grid and the map's (Leaflet's)
+    markers in the DOM are the API's hits, in order; a screenshot is saved beside the test's files."""
     import re
     import shutil
     import subprocess
@@ -243,8 +269,8 @@ def test_the_page_in_headless_chromium_shows_the_hits_as_a_grid_and_on_the_map(a
     dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
     want = [h["image_id"] for h in get(app, "/search", q=query, k=5).json()["hits"]]
     assert re.findall(r'class="hit" data-image-id="([^"]+)"', dom) == want, dom[-2000:]
-    assert re.findall(r'class="marker" data-image-id="([^"]+)"', dom) == want
-    assert len(re.findall(r'class="tile"', dom)) >= 9  # every indexed tile as the map's background
+    assert re.findall(r'<img [^>]*class="leaflet-marker-icon[^"]*"[^>]*data-image-id="([^"]+)"', dom) == want  # Leaflet's markers
+    assert len(re.findall(r'<path class="tile ', dom)) >= 9  # every indexed tile as the map's background
     shot = tmp_path / "page.png"
     subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
     assert shot.read_bytes()[:4] == b"\x89PNG"
@@ -270,8 +296,9 @@ def test_the_serve_command_builds_a_missing_index_then_serves(app, tmp_path, mon
 
 def test_a_user_types_a_query_and_drags_a_box_in_headless_chromium(app, tmp_path):
     """Chromium driven over its DevTools protocol as a user would: type into the query box,
-    press Enter, read the grid and the map markers from the DOM (the API's hits, in order), drag
-    a box around Spain on the map, and get only Spain's tiles; a screenshot is saved."""
+    press Enter, read the grid and Leaflet's markers from the DOM (the API's hits, in order),
+    shift-drag a box around Spain on the map and get only Spain's tiles (a screenshot is saved),
+    open a marker's popup; every request the page made went to the app on 127.0.0.1."""
     import asyncio
     import base64
     import json
@@ -285,9 +312,10 @@ def test_a_user_types_a_query_and_drags_a_box_in_headless_chromium(app, tmp_path
     query, port = "a lake next to a road", free_port()
     proc = subprocess.Popen(
         [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}",
-         "--window-size=1200,900", f"--remote-debugging-port={port}", "--remote-allow-origins=*", app["url"] + "/"],
+         "--window-size=1200,900", f"--remote-debugging-port={port}", "--remote-allow-origins=*", "about:blank"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    fetched: list[str] = []  # every URL the page requested (Network.requestWillBeSent)
 
     async def drive(ws_url: str) -> dict:
         async with websockets.connect(ws_url, max_size=None) as ws:
@@ -298,6 +326,8 @@ def test_a_user_types_a_query_and_drags_a_box_in_headless_chromium(app, tmp_path
                 await ws.send(json.dumps({"id": n, "method": method, "params": params}))
                 while True:
                     msg = json.loads(await ws.recv())
+                    if msg.get("method") == "Network.requestWillBeSent":
+                        fetched.append(msg["params"]["request"]["url"])
                     if msg.get("id") == n:
                         assert "error" not in msg, msg
                         return msg.get("result", {})
@@ -312,26 +342,36 @@ def test_a_user_types_a_query_and_drags_a_box_in_headless_chromium(app, tmp_path
                     await asyncio.sleep(0.25)
                 return value
 
-            await until("document.querySelectorAll('.tile').length >= 9")  # the page has loaded /health and /tiles
+            ids_of = "[...document.querySelectorAll('{}')].map((e) => e.dataset.imageId)"
+            await call("Network.enable")
+            await call("Page.navigate", url=app["url"] + "/")
+            await until("document.querySelectorAll('#map path.tile').length >= 9")  # the page has loaded /health and /tiles
             await js("document.getElementById('k').value = '5'; document.getElementById('q').focus()")
             await call("Input.insertText", text=query)
             for kind in ("keyDown", "keyUp"):
                 await call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13, text="\r")
-            hits = await until("[...document.querySelectorAll('.hit')].map((e) => e.dataset.imageId)")
-            markers = await js("[...document.querySelectorAll('.marker')].map((e) => e.dataset.imageId)")
+            hits = await until(ids_of.format(".hit"))
+            markers = await js(ids_of.format("#map .leaflet-marker-icon"))
             corners = await js(  # Spain's box (synth.py), a little wider, in page pixels
-                "(() => { const r = document.getElementById('map').getBoundingClientRect();"
-                f" return [project({SPAIN[0] - 0.5}, {SPAIN[3] + 0.5}), project({SPAIN[2] + 0.5}, {SPAIN[1] - 0.5})]"
-                ".map(([x, y]) => [r.left + x, r.top + y]); })()"
+                "(() => { const r = map.getContainer().getBoundingClientRect();"
+                f" return [[{SPAIN[3] + 0.5}, {SPAIN[0] - 0.5}], [{SPAIN[1] - 0.5}, {SPAIN[2] + 0.5}]]"
+                ".map((ll) => map.latLngToContainerPoint(ll)).map((p) => [r.left + p.x, r.top + p.y]); })()"
             )
             (x0, y0), (x1, y1) = corners
-            await call("Input.dispatchMouseEvent", type="mousePressed", x=x0, y=y0, button="left", clickCount=1)
-            await call("Input.dispatchMouseEvent", type="mouseMoved", x=(x0 + x1) / 2, y=(y0 + y1) / 2, button="left")
-            await call("Input.dispatchMouseEvent", type="mouseReleased", x=x1, y=y1, button="left", clickCount=1)
+            shift = 8  # CDP's modifier bit for Shift
+            await call("Input.dispatchMouseEvent", type="mousePressed", x=x0, y=y0, button="left", clickCount=1, modifiers=shift)
+            await call("Input.dispatchMouseEvent", type="mouseMoved", x=(x0 + x1) / 2, y=(y0 + y1) / 2, button="left", modifiers=shift)
+            await call("Input.dispatchMouseEvent", type="mouseReleased", x=x1, y=y1, button="left", clickCount=1, modifiers=shift)
             await until("document.getElementById('status').textContent.includes('in the box')")
             boxed = await js("[...document.querySelectorAll('.hit')].map((e) => e.textContent)")
+            boxed_ids = await js(ids_of.format(".hit"))
+            boxed_markers = await js(ids_of.format("#map .leaflet-marker-icon"))
+            await asyncio.sleep(0.5)  # the grid's thumbnails
             shot = base64.b64decode((await call("Page.captureScreenshot", format="png"))["data"])
-            return {"hits": hits, "markers": markers, "boxed": boxed, "shot": shot}
+            await js("document.querySelector('#map .leaflet-marker-icon').click()")
+            popup = await until("document.querySelector('.leaflet-popup-content')?.textContent")
+            return {"hits": hits, "markers": markers, "boxed": boxed, "boxed_ids": boxed_ids, "boxed_markers": boxed_markers,
+                    "popup": popup, "shot": shot}
 
     try:
         deadline = time.monotonic() + 60
@@ -348,8 +388,14 @@ def test_a_user_types_a_query_and_drags_a_box_in_headless_chromium(app, tmp_path
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    want = [h["image_id"] for h in get(app, "/search", q=query, k=5).json()["hits"]]
-    assert seen["hits"] == want and seen["markers"] == want
+    want = get(app, "/search", q=query, k=5).json()["hits"]
+    assert seen["hits"] == [h["image_id"] for h in want] and seen["markers"] == seen["hits"]  # one Leaflet marker per hit
     assert seen["boxed"] and all(" Spain " in text for text in seen["boxed"]), seen["boxed"]
+    assert seen["boxed_markers"] == seen["boxed_ids"] and len(seen["boxed_ids"]) == 3  # Spain's 3 tiles, on the map too
+    wide = (SPAIN[0] - 0.5, SPAIN[1] - 0.5, SPAIN[2] + 0.5, SPAIN[3] + 0.5)
+    first = get(app, "/search", q=query, k=5, bbox=",".join(map(str, wide))).json()["hits"][0]
+    assert seen["popup"].startswith(f"#1 {first['image_id']} score {first['score']:.3f}"), seen["popup"]
+    assert f"{app['url']}/static/leaflet/leaflet.js" in fetched and f"{app['url']}/search?q=" in " ".join(fetched)
+    assert all(u.startswith(app["url"] + "/") for u in fetched), [u for u in fetched if not u.startswith(app["url"] + "/")]
     (tmp_path / "typed.png").write_bytes(seen["shot"])
     assert seen["shot"][:4] == b"\x89PNG"

@@ -4,7 +4,8 @@ One deployment (`SearchService`, a FastAPI ingress) holds the registered model, 
 per replica, and the index in memory. Text queries arriving together are embedded as one
 batch (`@serve.batch`). Hits carry the tile's lat/lon, domain and a thumbnail URL, read from
 the manifest the index was built from. `/` is a page (no script or style from elsewhere)
-with the hits as a grid and at their lat/lon on a plain map.
+with the hits as a grid and at their lat/lon on a Leaflet map over a plain graticule; Leaflet
+comes from PyPI (`django-js-lib-leaflet`, files only) and is served from where it is installed.
 
 Ranking and the dimension check are search.py's (`top_k`, `check_dims`); images, the
 gallery's and uploaded ones alike, are embedded by search.py's `IndexEmbedder`, as
@@ -23,6 +24,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,8 @@ log = logging.getLogger(__name__)
 APP_NAME = "urbancross"
 PAGE = Path(__file__).with_name("page.html")
 ADDED_SPLIT = "added"  # split of the tiles added with POST /index
+LIBRARY = "js_lib_leaflet"  # Leaflet 1.9.4 (BSD-2), from the `serve` extra: plain files, Django not needed
+LIBRARY_TYPES = {".js": "text/javascript", ".css": "text/css", ".png": "image/png", ".map": "application/json"}
 MEDIA = {b"\x89PNG": "image/png", b"\xff\xd8\xff": "image/jpeg", b"GIF8": "image/gif", b"RIFF": "image/webp"}
 
 api = FastAPI(title="UrbanCross search", docs_url=None, redoc_url=None)
@@ -83,6 +87,19 @@ def parse_bbox(text: str) -> tuple[float, float, float, float]:
     if not (-90 <= minlat <= maxlat <= 90):
         raise ValueError(f"bbox latitudes must satisfy -90 <= minlat <= maxlat <= 90, got {minlat:g}, {maxlat:g}")
     return minlon, minlat, maxlon, maxlat
+
+
+def library_file(rel: str) -> Path:
+    """`rel` under the installed Leaflet's folder -> that file; FileNotFoundError for anything else
+    (a path leading outside it, a type the page has no use for, the package not installed)."""
+    try:
+        root = (Path(str(files(LIBRARY))) / "static" / LIBRARY).resolve()
+    except ModuleNotFoundError:
+        raise FileNotFoundError(f"the map library ({LIBRARY}) is not installed: pip install -e '.[serve]'") from None
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root) or path.suffix not in LIBRARY_TYPES or not path.is_file():
+        raise FileNotFoundError(f"no file {rel[:200]!r} in the map library")
+    return path
 
 
 def media_type(data: bytes) -> str:
@@ -262,6 +279,15 @@ class SearchService:
     def page(self) -> str:
         return PAGE.read_text(encoding="utf-8")
 
+    @api.get("/static/leaflet/{rel:path}")
+    def library(self, rel: str) -> Response:
+        """The map library's JS, CSS and marker images, from where pip installed them."""
+        try:
+            path = library_file(rel)
+        except FileNotFoundError as e:
+            raise HTTPException(404, str(e)) from None
+        return Response(content=path.read_bytes(), media_type=LIBRARY_TYPES[path.suffix], headers={"Cache-Control": "max-age=86400"})
+
     @api.get("/health")
     def health(self) -> dict[str, Any]:
         state = self.state
@@ -405,4 +431,4 @@ def run_forever(cfg: Config, model_uri: str, index: str, manifest: str | None = 
         serve.shutdown()
 
 
-__all__ = ["SearchService", "State", "build_app", "parse_bbox", "pick_manifest", "resolve_model", "run_forever", "start"]
+__all__ = ["SearchService", "State", "build_app", "library_file", "parse_bbox", "pick_manifest", "resolve_model", "run_forever", "start"]
