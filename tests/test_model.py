@@ -42,7 +42,7 @@ def test_tiny_preset_shapes_tokenizer_and_transforms():
     assert not names & {"RandomHorizontalFlip", "RandomVerticalFlip", "RandomRotation"}
 
 
-@pytest.mark.parametrize("options", [{}, {"global_local": True, "pre_align": True}])
+@pytest.mark.parametrize("options", [{}, {"global_local": True, "pre_align": True}, {"segment_encoding": "pooled"}])
 def test_forward_backward_reaches_every_parameter(options):
     cfg = ModelConfig(**options)
     torch.manual_seed(0)
@@ -52,7 +52,7 @@ def test_forward_backward_reaches_every_parameter(options):
     for key in ("image", "text", "fused"):
         torch.testing.assert_close(out[key].norm(dim=-1), torch.ones(3))
     assert out["segments"][2].abs().sum() == 0  # missing segments stay zero
-    assert ("pre_image" in out) == bool(options)
+    assert ("pre_image" in out) == bool(options.get("pre_align"))
     total, parts = retrieval_loss(out, LossConfig())
     total.backward()
     dead = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
@@ -196,3 +196,61 @@ def test_segment_mask_follows_num_real_segments():
                       torch.as_tensor(padded["segments"]), torch.as_tensor(padded["segment_mask"]))
     torch.testing.assert_close(emb[0], emb[1])
     assert fused["segment_mask"].sum().item() == 2
+
+
+def _white_segment(n: int, box: tuple[int, int, int, int]) -> torch.Tensor:
+    """A normalized segment image: white everywhere but a coloured box (rows r0:r1, cols c0:c1)."""
+    from urbancross.model.factory import normalize
+
+    x = torch.ones(3, n, n)
+    r0, r1, c0, c1 = box
+    x[:, r0:r1, c0:c1] = torch.tensor([0.6, 0.2, 0.1]).view(3, 1, 1)
+    return normalize(x[None])[0]
+
+
+def test_pooled_segments_are_the_tiles_patch_tokens_under_each_mask_in_one_pass():
+    from urbancross.model.model import segment_pixels
+
+    cfg = ModelConfig(segment_encoding="pooled")
+    torch.manual_seed(0)
+    model = create_model(cfg).eval()
+    n = image_size(cfg)
+    segments = torch.stack([_white_segment(n, (0, 8, 0, 8)), _white_segment(n, (0, n, 0, n))])[None]  # one patch; all
+    assert segment_pixels(segments)[0, 0].sum() == 64 and segment_pixels(segments)[0, 0, :8, :8].all()
+    images = torch.randn(1, 3, n, n)
+    with torch.no_grad():
+        image, _, seg = model.encode_image_segments(images, segments, torch.tensor([[True, True]]))
+        tokens = model.clip.visual.forward_intermediates(images, indices=1, normalize_intermediates=True)["image_intermediates"][-1]
+    proj = model.clip.visual.proj
+    first = torch.nn.functional.normalize(tokens[0, :, 0, 0] @ proj, dim=-1)  # the top-left patch alone
+    whole = torch.nn.functional.normalize(tokens[0].flatten(1).mean(1) @ proj, dim=-1)
+    torch.testing.assert_close(seg[0, 0], first)
+    torch.testing.assert_close(seg[0, 1], whole)
+    torch.testing.assert_close(image, model.encode_image(images))
+
+
+def test_pooled_segments_cost_one_tower_pass_where_crops_cost_one_per_segment():
+    torch.manual_seed(0)
+    seen = {}
+    for encoding in ("crops", "pooled"):
+        model = create_model(ModelConfig(segment_encoding=encoding))
+        rows = []
+        model.clip.visual.conv1.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))  # the patch embedding
+        images, tokens, segments, mask = batch(ModelConfig())
+        with torch.no_grad():
+            model(images, tokens, segments, mask)
+        seen[encoding] = sum(rows)
+    assert seen == {"crops": 3 + 3, "pooled": 3}  # 3 tiles (+ their 3 present segments as crops)
+
+
+def test_augmentation_moves_the_pooled_masks_with_the_tile():
+    from urbancross.train.cache import augment
+
+    cfg = ModelConfig(aug_crop_scale=0.5, aug_color_jitter=0.0)
+    n = 64
+    images = torch.zeros(2, 3, n, n, dtype=torch.uint8)
+    images[:, :, 8:24, 40:56] = 255  # a white square on black
+    masks = (images[:, :1].float() / 255)  # the same square as a mask, one segment per tile
+    x, warped = augment(images, np.array([3, 7]), epoch=1, seed=0, cfg=cfg, masks=masks)
+    assert not torch.equal(warped, masks)  # the crop moved it
+    torch.testing.assert_close(warped[:, 0], x[:, 0], atol=1e-5, rtol=0)  # ... exactly as it moved the tile

@@ -243,6 +243,9 @@ class ModelConfig(Section):
     preset: str = "tiny"  # tiny | ViT-B-32 | ViT-B-32-quickgelu | ViT-L-14 | ...
     pretrained: str = ""  # local checkpoint file; never a download tag
     use_segments: bool = True
+    # crops: each segment image through the image tower (the paper; up to 11x the tower's work);
+    # pooled: the tile's patch tokens averaged under each segment's mask (one pass; needs sam.style white)
+    segment_encoding: Literal["crops", "pooled"] = "crops"
     fusion_heads: int = num(4, ge=1)
     global_local: bool = False  # CMPAGL global-local visual block
     window_sizes: tuple[int, ...] = nums((2, 4), ge=1)
@@ -479,6 +482,13 @@ class Config(Section):
     promote: PromoteConfig = field(default_factory=PromoteConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def check(self) -> None:
+        require(
+            not (self.model.uses_segments and self.model.segment_encoding == "pooled" and self.preprocess.sam.style != "white"),
+            "model.segment_encoding pooled reads each segment's mask from its white background: "
+            f"needs preprocess.sam.style white, got {self.preprocess.sam.style}",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dicts and lists (YAML/JSON-able); `config_from_dict` reads it back."""

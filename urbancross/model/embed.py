@@ -45,8 +45,8 @@ def embed_images(model: nn.Module, images: torch.Tensor, segments=None, segment_
 def embed_images_both(model: nn.Module, images: torch.Tensor, segments=None, segment_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(retrieval embeddings, the tiles' own embeddings without segments); the same tensor twice
     when the model does not fuse."""
-    image = model.encode_image(images)
     if not fuses_segments(model):
+        image = model.encode_image(images)
         return image, image
     if segments is None:
         segments = images.new_zeros(images.shape[0], 1, *images.shape[1:])
@@ -54,7 +54,8 @@ def embed_images_both(model: nn.Module, images: torch.Tensor, segments=None, seg
     elif segment_mask is None:
         segment_mask = torch.ones(segments.shape[:2], dtype=torch.bool, device=segments.device)
     segment_mask = torch.as_tensor(segment_mask, dtype=torch.bool)
-    return model.fuse(image, model.encode_segments(segments, segment_mask), segment_mask), image
+    image, _, seg = model.encode_image_segments(images, segments, segment_mask)
+    return model.fuse(image, seg, segment_mask), image
 
 
 def embed_batch(model: nn.Module, batch: Mapping[str, torch.Tensor], texts: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:

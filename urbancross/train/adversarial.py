@@ -264,4 +264,5 @@ class AdaptObjective(nn.Module):
 
 
 def _run(model: nn.Module, batch: dict) -> dict:
-    return model(batch["images"], batch["tokens"], batch.get("segments"), batch.get("segment_mask"))
+    return model(batch["images"], batch["tokens"], batch.get("segments"), batch.get("segment_mask"),
+        **({"segment_pixels": batch["segment_pixels"]} if "segment_pixels" in batch else {}))

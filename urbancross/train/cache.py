@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from urbancross.config import Config, ModelConfig
 from urbancross.model.factory import normalize
+from urbancross.model.model import segment_pixels
 
 META = "meta.json"
 
@@ -76,11 +77,14 @@ def rank_rows(rows: np.ndarray, world: int, rank: int) -> tuple[np.ndarray, int]
 # --------------------------------------------------------------------------- augmentation on cached arrays
 
 
-def augment(images: torch.Tensor, keys: np.ndarray, epoch: int, seed: int, cfg: ModelConfig) -> torch.Tensor:
+def augment(images: torch.Tensor, keys: np.ndarray, epoch: int, seed: int, cfg: ModelConfig,
+            masks: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """uint8 [B,3,S,S] -> augmented float [B,3,S,S] in [0, 1], drawn from (seed, epoch, key).
 
     A random resized crop (area >= `aug_crop_scale`, aspect 0.9-1.1) as one batched
     `grid_sample`, then brightness/contrast/saturation jitter and a small hue rotation (YIQ).
+    With `masks` [B,K,H,W] (pooled segments' masks in the tile's frame), they get the same
+    crop and `(images, masks)` is returned.
     """
     b = images.shape[0]
     x = images.float() / 255.0
@@ -97,6 +101,9 @@ def augment(images: torch.Tensor, keys: np.ndarray, epoch: int, seed: int, cfg: 
     theta = theta.to(x.device)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if masks is not None:
+        grid_m = F.affine_grid(theta, [b, masks.shape[1], *masks.shape[-2:]], align_corners=False)
+        masks = F.grid_sample(masks.float(), grid_m, mode="bilinear", padding_mode="zeros", align_corners=False)
     j = cfg.aug_color_jitter
     if j > 0:
         f = torch.as_tensor(1 + j * (2 * draws[:, 4:7] - 1), dtype=torch.float32, device=x.device).view(b, 3, 1, 1, 1)
@@ -107,7 +114,7 @@ def augment(images: torch.Tensor, keys: np.ndarray, epoch: int, seed: int, cfg: 
         x = (gray + f[:, 2] * (x - gray)).clamp(0, 1)  # saturation
         hue = torch.as_tensor(j / 10 * (2 * draws[:, 7] - 1) * 2 * math.pi, dtype=torch.float32, device=x.device)
         x = _rotate_hue(x, hue)
-    return x
+    return x if masks is None else (x, masks)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -172,15 +179,19 @@ class Cache:
         normalized on `device`, tokens int64 [B,C,L], segments normalized (never augmented)."""
         rows = self.rows(positions)
         images = torch.from_numpy(rows["images"]).to(device, non_blocking=True)
-        if train and cfg.data.augment:
-            images = augment(images, rows["key"], epoch, seed, cfg.model)
-        out = {"key": torch.from_numpy(rows["key"]), "images": normalize(images), "tokens": torch.from_numpy(rows["tokens"]).long()}
-        for name in ("label", "num_captions"):  # scene class (intra-class term), real captions per row
-            if name in rows:
-                out[name] = torch.from_numpy(rows[name]).long()
+        out = {"key": torch.from_numpy(rows["key"]), "tokens": torch.from_numpy(rows["tokens"]).long()}
         if "segments" in rows:
             out["segments"] = normalize(torch.from_numpy(rows["segments"]).to(device))
             out["segment_mask"] = torch.from_numpy(rows["segment_mask"])
+        pooled = "segments" in rows and cfg.model.segment_encoding == "pooled"
+        if train and cfg.data.augment and pooled:  # the segments' masks follow the tile's crop
+            images, out["segment_pixels"] = augment(images, rows["key"], epoch, seed, cfg.model, segment_pixels(out["segments"]))
+        elif train and cfg.data.augment:
+            images = augment(images, rows["key"], epoch, seed, cfg.model)
+        out["images"] = normalize(images)
+        for name in ("label", "num_captions"):  # scene class (intra-class term), real captions per row
+            if name in rows:
+                out[name] = torch.from_numpy(rows[name]).long()
         return out
 
 

@@ -48,7 +48,8 @@ class RetrievalObjective(nn.Module):
     def forward(self, batch: dict, embed: bool = False):
         if embed:
             return embed_batch(self.model, batch)
-        out = self.model(batch["images"], batch["tokens"], batch.get("segments"), batch.get("segment_mask"))
+        out = self.model(batch["images"], batch["tokens"], batch.get("segments"), batch.get("segment_mask"),
+            **({"segment_pixels": batch["segment_pixels"]} if "segment_pixels" in batch else {}))
         if "itm_logits" in out:  # CMPAGL: + the matching head on hard negatives mined from the pre-aligned similarities
             return cmpagl_loss(out, self.loss_cfg, labels=batch.get("label"), itm_weight=self.loss_cfg.itm_weight)
         return retrieval_loss(out, self.loss_cfg, labels=batch.get("label"))
