@@ -9,7 +9,9 @@ block size, and journal each finished block to Parquet as the job does.
 
 - Sequential: `LocalStages` in this process, torch at `--threads` threads.
 - Ray Data: `run_preprocess` (the real job) with `--sam-concurrency` SAM actors sharing
-  `--threads - 1` torch threads and one refine actor at 1 thread: `--threads` in all.
+  `--threads - 1` torch threads and one refine actor at 1 thread: `--threads` in all; or with
+  `--fused` (`preprocess.fuse_stages`), `--threads` actors at 1 thread each, every actor running
+  a block through SAM and then refinement.
 
 Start-up (model loads and the first block; for Ray also actor start: each actor pool is up
 before data flows) is reported apart, and the end-to-end ratio with it included. The
@@ -115,6 +117,7 @@ def main() -> None:
     ap.add_argument("--selection", choices=["quality", "caption"], default="caption")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in all, on each side")
     ap.add_argument("--sam-concurrency", type=int, default=1)
+    ap.add_argument("--fused", action="store_true", help="preprocess.fuse_stages: --threads fused actors at 1 thread each")
     ap.add_argument("--batch-size", type=int, default=8, help="SAM and refine batch size, and rows per block")
     ap.add_argument("--points-per-side", type=int, default=4, help="SAM prompts per side (config default 4)")
     ap.add_argument("--stand-in-masks", type=int, default=0,
@@ -124,7 +127,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=0.1, help="share of blocks left out of the steady rate")
     ap.add_argument("--cpus", type=int, default=2, help="CPUs given to Ray")
     args = ap.parse_args()
-    sam_threads = (args.threads - 1) // args.sam_concurrency
+    if args.fused:
+        args.sam_concurrency = args.threads
+    sam_threads = 1 if args.fused else (args.threads - 1) // args.sam_concurrency
     if sam_threads < 1:
         raise SystemExit("--threads must be >= --sam-concurrency + 1 (one thread for the refine actor)")
     load_start = os.getloadavg()
@@ -153,6 +158,7 @@ def main() -> None:
     ray_cfg = load_config(None, [
         *common, f"preprocess.sam.concurrency={args.sam_concurrency}", f"preprocess.sam.threads={sam_threads}",
         "preprocess.refine.concurrency=1", "preprocess.refine.threads=1",
+        f"preprocess.fuse_stages={str(args.fused).lower()}",
     ])
     table = synthesize(seq_cfg.synth, str(tmp / "bench"))
     save_tiny_instructblip(tmp / "lmm", [c for caps in table["captions"].to_pylist() for c in caps])
@@ -186,8 +192,9 @@ def main() -> None:
         "refine": args.refine,
         "selection": args.selection,
         "threads": args.threads,
-        "ray_threads": sam_threads * args.sam_concurrency + 1,  # less than threads when sam_concurrency does not divide threads - 1
+        "ray_threads": sam_threads * args.sam_concurrency + (0 if args.fused else 1),  # < threads when sam_concurrency does not divide threads - 1
         "sam_concurrency": args.sam_concurrency,
+        "fused": args.fused,
         "stand_in_masks": args.stand_in_masks,
         "batch_size": args.batch_size,
         "repeats": args.repeats,

@@ -52,6 +52,15 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def forget_cluster(port: int) -> None:
+    """`ray start --head` records its address for later `ray.init()` calls to join; ours is gone."""
+    from ray._private.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(None))
+    if path.is_file() and path.read_text().strip().endswith(f":{port}"):
+        path.unlink()
+
+
 def wait_for(predicate, timeout: float, what: str, every: float = 1.0):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -96,6 +105,7 @@ def test_a_killed_node_during_training_the_run_finishes_from_its_checkpoint(mani
     finally:
         for proc in reversed(procs):
             stop(proc)
+        forget_cluster(port)
     line = next(x for x in driver_log.read_text().splitlines() if x.startswith("RESULT "))
     metrics = json.loads(line[len("RESULT "):])
     assert metrics["epoch"] == 4  # finished

@@ -86,7 +86,8 @@ def test_batched_segmenter_gives_the_per_row_selection_bytes(table, tmp_path):
 
 
 @pytest.mark.ray
-def test_ray_path_writes_the_manifest_the_sequential_loop_computes(ray_session, table, tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["two-pools", "fused-2-actors"])
+def test_ray_path_writes_the_manifest_the_sequential_loop_computes(ray_session, table, tmp_path, fused):
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(__import__(__name__))  # Ray workers cannot import this test module
@@ -97,6 +98,7 @@ def test_ray_path_writes_the_manifest_the_sequential_loop_computes(ray_session, 
         f"out_dir={tmp_path}", f"preprocess.input={src}", f"preprocess.output={out}", "seed=3",
         "preprocess.sam.selection=caption", "preprocess.sam.batch_size=4", "preprocess.sam.threads=1",
         "preprocess.refine.batch_size=2", "preprocess.refine.threads=1", "preprocess.block_rows=4",
+        f"preprocess.fuse_stages={str(fused).lower()}", f"preprocess.sam.concurrency={2 if fused else 1}",
     ])
     stages = {"sam": ManyMasks}
     try:
@@ -131,6 +133,8 @@ def test_threads_block_rows_and_plan_come_from_config(table, tmp_path):
     assert "sam: 2 actor(s) x 0.5 CPU 0 GPU, threads 1, batch 2" in plan and "threads 3, batch 5" in plan
     assert plan.endswith("block_rows 4")
     assert stage_plan(load_config()).endswith("threads torch default, batch 4; block_rows 8")
+    fused = stage_plan(cfg.override({"preprocess.fuse_stages": True}))
+    assert fused.startswith("sam+refine fused: 2 actor(s) x 0.5 CPU 0 GPU, threads 1, batch 2/5")
     threads = torch.get_num_threads()
     try:
         StageActor("refine", cfg, "")

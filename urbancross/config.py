@@ -219,6 +219,9 @@ class PreprocessConfig(Section):
     max_image_side: int = num(8192, ge=1)  # pixels; larger images are rejected
     block_rows: int = num(0, ge=0)  # rows per Ray Data input block; 0 = the larger stage batch_size
     progress_bars: bool = False  # Ray Data's progress bars (the job logs its own img/s per block)
+    # true: SAM and refinement in one actor pool (sam.concurrency actors, sam's CPUs/GPUs/threads), a
+    # block goes through both in one actor: on few cores no stage's actor idles while the other works
+    fuse_stages: bool = False
     sam: SamConfig = field(default_factory=SamConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
 

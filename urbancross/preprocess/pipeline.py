@@ -272,6 +272,17 @@ def stage_dataset(todo: pa.Table, cfg: Config, root: str, stages: dict[str, Call
     blocks = [b for b in with_status(todo).to_batches(max_chunksize=block_rows(cfg))]  # small blocks: steady progress, pipelining
     ray.data.DataContext.get_current().enable_progress_bars = pre.progress_bars
     dataset = ray.data.from_arrow([pa.Table.from_batches([b]) for b in blocks])
+    if pre.fuse_stages:  # one pool: each actor runs a block through SAM, then refinement
+        extra = {"num_gpus": pre.sam.num_gpus} if pre.sam.num_gpus > 0 else {}
+        return dataset.map_batches(
+            LocalStages,
+            fn_constructor_kwargs={"cfg": cfg, "root": root, "stages": stages},
+            compute=ray.data.ActorPoolStrategy(size=pre.sam.concurrency),
+            num_cpus=pre.sam.num_cpus,
+            batch_size=block_rows(cfg),
+            batch_format="pyarrow",
+            **extra,
+        )
     for name, scfg in (("sam", pre.sam), ("refine", pre.refine)):
         extra = {"num_gpus": scfg.num_gpus} if scfg.num_gpus > 0 else {}
         dataset = dataset.map_batches(
@@ -287,8 +298,9 @@ def stage_dataset(todo: pa.Table, cfg: Config, root: str, stages: dict[str, Call
 
 
 class LocalStages:
-    """Both stages in this process, no Ray: the sequential baseline (bench) and the reference
-    the Ray path must match (tests). Call it on a block of `with_status` rows."""
+    """Both stages in one process: the sequential baseline (bench), the reference the Ray path
+    must match (tests), and with `preprocess.fuse_stages` the Ray actor. Call it on a block of
+    `with_status` rows."""
 
     def __init__(self, cfg: Config, root: str, stages: dict[str, Callable] | None = None):
         stages = stages or {}
@@ -411,6 +423,9 @@ def stage_plan(cfg: Config) -> str:
         f"threads {s.threads or 'torch default'}, batch {s.batch_size}"
         for n, s in (("sam", pre.sam), ("refine", pre.refine))
     )
+    if pre.fuse_stages:
+        stages = (f"sam+refine fused: {pre.sam.concurrency} actor(s) x {pre.sam.num_cpus:g} CPU {pre.sam.num_gpus:g} GPU, "
+                  f"threads {pre.sam.threads or 'torch default'}, batch {pre.sam.batch_size}/{pre.refine.batch_size}")
     return f"{stages}; block_rows {block_rows(cfg)}"
 
 
