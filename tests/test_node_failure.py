@@ -32,7 +32,8 @@ from urbancross.config import load_config
 from urbancross.train import run_train
 cfg = load_config(None, json.loads(sys.argv[1]))
 result = run_train(cfg)
-print("RESULT " + json.dumps(result["metrics"], default=str), flush=True)
+with open(sys.argv[2], "w") as f:
+    json.dump(result["metrics"], f, default=str)
 """
 
 
@@ -89,7 +90,7 @@ def test_a_killed_node_during_training_the_run_finishes_from_its_checkpoint(mani
                      "train.cpus_per_worker=0.5", "train.ingest_actors=0", "train.batch_size=4", "train.epochs=4",
                      "train.max_failures=1", "train.checkpoint_every=1", "train.curriculum.enabled=false"]
         driver_log = tmp_path / "driver.log"
-        driver = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(overrides)], env=env,
+        driver = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(overrides), str(tmp_path / "metrics.json")], env=env,
                                   stdout=driver_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(driver)
 
@@ -101,13 +102,13 @@ def test_a_killed_node_during_training_the_run_finishes_from_its_checkpoint(mani
         time.sleep(5)  # Train's controller registers a reported checkpoint when it next polls the workers
         stop(node, signal.SIGKILL)  # the node and every worker on it, at once
         procs.append(start(f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=2", log=tmp_path / "node2.log", env=env))
-        assert driver.wait(timeout=900) == 0, driver_log.read_text()[-3000:]
+        code = driver.wait(timeout=900)
+        assert code == 0, f"driver exit {code}:\n{driver_log.read_text()[-3000:]}"
     finally:
         for proc in reversed(procs):
             stop(proc)
         forget_cluster(port)
-    line = next(x for x in driver_log.read_text().splitlines() if x.startswith("RESULT "))
-    metrics = json.loads(line[len("RESULT "):])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["epoch"] == 4  # finished
     assert metrics["start_epoch"] >= 1  # restarted from a checkpoint, not from scratch
     assert (out / "train" / "model.pt").is_file() and (out / "train" / "result.json").is_file()
