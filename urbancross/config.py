@@ -236,11 +236,11 @@ class SamPretrainConfig(Section):
 
     tiles: int = num(4000, ge=1)  # distinct training tiles (web styles, never the benchmark's countries)
     image_size: int = num(64, ge=32, le=1024)  # tile side in pixels, as the benchmark's (synth.image_size)
-    steps: int = num(1500, ge=1)  # optimizer steps
-    batch_size: int = num(16, ge=1)  # tiles per step
-    prompts_per_tile: int = num(4, ge=1)  # point prompts per tile per step, each on a random object (or the ground)
+    steps: int = num(2000, ge=1)  # optimizer steps
+    batch_size: int = num(8, ge=1)  # tiles per step
+    prompts_per_tile: int = num(8, ge=1)  # point prompts per tile per step, each on a random object (or the ground)
     ground_fraction: float = num(0.15, ge=0, lt=1)  # share of prompts on the ground, whose target is all non-object pixels
-    lr: float = num(1e-3, gt=0)  # AdamW peak, linear warm-up then cosine to 0
+    lr: float = num(3e-3, gt=0)  # AdamW peak, linear warm-up then cosine to 0
     warmup: float = num(0.05, ge=0, lt=1)  # share of the steps
     weight_decay: float = num(0.01, ge=0)
     focal_weight: float = num(20.0, ge=0)  # SAM's 20:1 focal:dice
@@ -251,7 +251,7 @@ class SamPretrainConfig(Section):
     output: str = ""  # the fp16 checkpoint (+ sidecar <output>.json); empty = <out_dir>/sam_pretrain/sam-tiny.pt
     num_workers: int = num(1, ge=0)  # Ray Train workers; 0 = run the loop in this process
     cpus_per_worker: float = num(1.0, ge=0)
-    threads: int = num(2, ge=1)  # torch threads in the loop and the evaluation
+    threads: int = num(1, ge=1)  # torch threads in the loop and the evaluation (1: lean on a shared machine)
 
 
 @dataclass(frozen=True)
