@@ -185,7 +185,7 @@ def train_loop_per_worker(config: dict) -> None:
                     torch.distributed.all_reduce(p.grad)
                     p.grad /= world
         opt.step()
-        logged = {k: float(v) for k, v in losses.items()} | {"step": step + 1, "seconds": time.perf_counter() - t0}
+        logged = {k: float(v.detach()) for k, v in losses.items()} | {"step": step + 1, "seconds": time.perf_counter() - t0}
         if rank == 0 and (step % 50 == 0 or step + 1 == cfg.steps):
             log.warning("pretrain-sam: step %d/%d loss %.4f best_iou %.3f (%.0f s)",
                         step + 1, cfg.steps, logged["loss"], logged["best_iou"], logged["seconds"])
