@@ -480,8 +480,9 @@ def ground(style: Style, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def render(scene: Scene, size: int, style: Style | None = None) -> Image.Image:
-    """Draw `scene` as a size x size RGB tile; deterministic in the scene alone (and `style`, when
-    the scene's domain is not one of `STYLES`, e.g. a web style)."""
+    """Draw `scene` as a size x size RGB tile; deterministic in the scene (and its style) alone.
+
+    `style` defaults to the benchmark's `STYLES[scene.domain]`; the web corpus passes its own."""
     style = style or STYLES[scene.domain]
     rng = np.random.default_rng(scene.texture_seed)
     img = Image.fromarray(np.clip(ground(style, size, rng), 0, 255).astype(np.uint8))
@@ -646,9 +647,9 @@ def caption_relations(scene: Scene, style: Style, rng: np.random.Generator) -> s
 TEMPLATES = (caption_sides, caption_between, caption_relations, caption_listing, caption_area)
 
 
-def describe(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[str]:
+def describe(scene: Scene, rng: np.random.Generator, n: int = 5, style: Style | None = None) -> list[str]:
     """`n` distinct captions, cycling through the templates that apply (relations first)."""
-    style = STYLES[scene.domain]
+    style = style or STYLES[scene.domain]
     relational, plain = list(TEMPLATES[:3]), list(TEMPLATES[3:])
     order = [relational[i] for i in rng.permutation(3)] + [plain[i] for i in rng.permutation(2)]
     out: list[str] = []
