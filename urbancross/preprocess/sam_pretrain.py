@@ -1,8 +1,8 @@
 """`urbancross pretrain-sam`: a SAM for the embedded world, trained on the generator's own objects.
 
 The procedural generator knows every object it draws (`synth.object_masks`), so the tiny SAM
-(`embedded.build_sam_tiny`, from random init) learns SAM's promptable segmentation on random
-web-style tiles (never the benchmark's countries): each step, point prompts sampled inside
+(`embedded.build_sam_tiny`, from random init) learns SAM's promptable segmentation on web
+tiles (`data/web.py`'s random styles, never the benchmark's countries): each step, point prompts sampled inside
 objects (and some on the ground, whose target is everything that is no object), three mask
 outputs per prompt with the loss of the best one only (SAM's ambiguity-aware objective:
 focal 20 : dice 1 on the low-res logits against the downsampled mask), and the IoU head
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from urbancross import storage
 from urbancross.config import Config, SamConfig, SamPretrainConfig, config_from_dict
-from urbancross.data import synth
+from urbancross.data import synth, web
 from urbancross.embedded import TINY_IMAGE_SIZE, build_sam_tiny, write_sidecar
 
 log = logging.getLogger(__name__)
@@ -45,30 +45,9 @@ LOW_RES = TINY_IMAGE_SIZE // 4  # the mask decoder's output side
 # --------------------------------------------------------------------------- tiles
 
 
-def random_style(rng: np.random.Generator) -> synth.Style:
-    """A random "web" style (palette, texture, density, land-use mix); not one of the benchmark's."""
-
-    def colour() -> tuple[int, int, int]:
-        return tuple(int(v) for v in rng.integers(0, 256, 3))  # type: ignore[return-value]
-
-    lo = int(rng.integers(2, 6))
-    small = float(rng.uniform(0.4, 0.7))
-    return synth.Style(
-        name="web", ground=colour(), mottle=float(rng.uniform(0, 20)), grain=float(rng.uniform(0, 10)),
-        tree=colour(), water=colour(), roofs=(("a", colour()), ("b", colour())), ridge=bool(rng.random() < 0.5),
-        field=(colour(), colour()), road=colour(), parking=colour(), pitch=colour(), pool=colour(),
-        mix={k: float(rng.uniform(0.1, 3)) for k in synth.KINDS}, elements=(lo, int(rng.integers(lo + 1, 11))),
-        building_scale=(small, float(rng.uniform(small, 0.95))), regular=float(rng.random()),
-        dividers={k: float(rng.uniform(0.1, 1)) for k in ("road", "river", "none")},
-        areas=("place",), lat=(0.0, 1.0), lon=(0.0, 1.0),
-    )
-
-
 def web_tile(seed: int, stream: int, index: int, size: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """(size x size x 3 uint8 tile, its objects' bool masks) of one web tile; pure in its arguments."""
-    rng = np.random.default_rng([seed, stream, index])
-    style = random_style(rng)
-    scene = synth.make_scene(rng, style)
+    scene, style = web.web_scene(np.random.default_rng([seed, stream, index]), index)
     return np.asarray(synth.render(scene, size, style)), [m for _, m in synth.object_masks(scene, size)]
 
 
