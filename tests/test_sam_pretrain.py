@@ -114,6 +114,16 @@ def test_embedded_sam_finds_the_objects_of_benchmark_val_tiles():
     assert random["recall"] < 0.1
 
 
+def test_preprocess_stage_with_the_embedded_sam_keeps_real_segments():
+    from urbancross.preprocess.sam import Segmenter
+
+    cfg = Config().override(["preprocess.sam.checkpoint=embedded"])
+    images = [image for image, _ in P.val_tiles(SynthConfig(images_per_domain=30, val_fraction=0.1), 64)]
+    out = Segmenter(cfg).process(images, [{"split": "val", "captions": ["x"]} for _ in images])
+    real = [r["num_real_segments"] for r in out]
+    assert len(real) == 9 and min(real) >= 2 and np.mean(real) >= 4  # random weights: 0 everywhere, all grid fills
+
+
 @pytest.mark.heavy
 @pytest.mark.ray
 def test_pretrain_sam_command_end_to_end(ray_session, tmp_path, capsys):
@@ -124,6 +134,8 @@ def test_pretrain_sam_command_end_to_end(ray_session, tmp_path, capsys):
     assert main(argv) == 0
     record = json.loads(capsys.readouterr().out)
     assert embedded.check_asset(out) == record
+    assert main(argv) == 0  # the recorded command repeats byte for byte
+    assert json.loads(capsys.readouterr().out)["sha256"] == record["sha256"]
     assert record["command"] == "urbancross " + " ".join(argv[:3]) + "".join(f" --set {v}" for v in argv[4::2])
     assert record["metrics"]["after"]["web"]["tiles"] == 2 and record["metrics"]["train"]["step"] == 3
     load_sam("tiny", str(out))

@@ -19,6 +19,7 @@ is exported in half precision with a sidecar (`embedded.write_sidecar`): with
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from urbancross import storage
+from urbancross import atomic, storage
 from urbancross.config import Config, SamConfig, SamPretrainConfig, config_from_dict
 from urbancross.data import synth, web
 from urbancross.embedded import TINY_IMAGE_SIZE, build_sam_tiny, write_sidecar
@@ -252,9 +253,9 @@ def run_pretrain_sam(cfg: Config, command: str | None = None) -> dict:
     out = output_path(cfg)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    from urbancross import atomic
-
-    atomic.write_file(out, lambda tmp: torch.save(half, tmp))
+    buf = io.BytesIO()  # not a temp file's name: torch.save names the zip's folder after it, and the sha256 must repeat
+    torch.save(half, buf)
+    atomic.write_bytes(out, buf.getvalue())
     sam = build_sam_tiny(out)  # the exported fp16 weights, as every user loads them
     after = evaluate(sam, cfg)
     log.info("pretrain-sam: recall after %s", after)
