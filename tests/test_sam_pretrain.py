@@ -106,11 +106,11 @@ def test_embedded_sam_asset_matches_its_sidecar_and_loads_like_a_user_checkpoint
 def test_embedded_sam_finds_the_objects_of_benchmark_val_tiles():
     cfg = Config().override(["preprocess.sam.checkpoint=embedded"])
     sam = load_sam("tiny", resolve_checkpoint(cfg))
-    tiles = P.val_tiles(SynthConfig(images_per_domain=60, val_fraction=0.1), 64)[:12]  # 6 val tiles per domain
-    got = P.mask_recall(sam, tiles, cfg.preprocess.sam)
+    tiles = P.val_tiles(SynthConfig(images_per_domain=30, val_fraction=0.1), 64)  # 3 val tiles per domain
+    got = P.mask_recall(sam, tiles, cfg.preprocess.sam)  # measured: 0.87 on the 60 val tiles of the demo's benchmark
     torch.manual_seed(0)
-    random = P.mask_recall(embedded.build_sam_tiny(), tiles, cfg.preprocess.sam)
-    assert got["objects"] > 50 and got["recall"] > 0.3 and got["masks_per_tile"] >= 2
+    random = P.mask_recall(embedded.build_sam_tiny(), tiles[::3], cfg.preprocess.sam)
+    assert got["objects"] > 40 and got["recall"] > 0.5 and got["masks_per_tile"] >= 3
     assert random["recall"] < 0.1
 
 
