@@ -487,7 +487,7 @@ class PretrainConfig(Section):
     batch_size: int = num(128, ge=2)  # per worker micro-batch (train.batch_size)
     lr: float = num(1e-3, gt=0)  # peak (train.lr_schedule's curve)
     val_images: int = num(1000, ge=1)  # web val images scored each epoch (model choice)
-    benchmark: str = ""  # optional benchmark manifest: the export's zero-shot mR on its val split (never test)
+    benchmark: str = ""  # a benchmark manifest, or `synth` (the synth section's, made under out_dir): zero-shot mR on its val split
 
 
 @dataclass(frozen=True)

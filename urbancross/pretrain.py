@@ -160,9 +160,21 @@ def score(cfg: Config, weights: str, table: pa.Table) -> dict[str, float]:
     return out
 
 
-def benchmark_scores(cfg: Config, weights: str) -> dict[str, dict]:
+def benchmark_manifest(cfg: Config) -> str:
+    """`pretrain.benchmark`: a manifest, or `synth`: the config's benchmark (`synth` section), made under out_dir."""
+    if cfg.pretrain.benchmark != "synth":
+        return local_absolute(cfg.pretrain.benchmark)
+    from urbancross.data.synth import synthesize
+
+    out = os.path.join(local_absolute(cfg.out_dir), "benchmark")
+    if not is_manifest(out):
+        synthesize(cfg.synth, out)
+    return out
+
+
+def benchmark_scores(cfg: Config, weights: str, manifest: str) -> dict[str, dict]:
     """Zero-shot metrics on each domain of the benchmark's val split (model choice data; never test)."""
-    table = filter_rows(read_manifest(local_absolute(cfg.pretrain.benchmark)), split=cfg.data.val_split)
+    table = filter_rows(read_manifest(manifest), split=cfg.data.val_split)
     return {d: score(cfg, weights, filter_rows(table, domain=d)) for d in sorted(set(table.column("domain").to_pylist()))}
 
 
@@ -195,7 +207,7 @@ def run_pretrain(cfg: Config, command: str = "") -> dict:
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     if cfg.pretrain.benchmark:
-        metrics["benchmark_val_zero_shot"] = benchmark_scores(stage_cfg, output)
+        metrics["benchmark_val_zero_shot"] = benchmark_scores(stage_cfg, output, benchmark_manifest(cfg))
     record = write_sidecar(output, command=command or "urbancross pretrain", config=cfg.to_dict(), seed=cfg.pretrain.seed,
                            metrics=metrics)
     log.info("pretrain: wrote %s (%.1f MB), web val mR %.2f", output, record["bytes"] / 2**20, metrics["web_val"]["mR"])
