@@ -125,7 +125,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from urbancross.pretrain import command_line, run_pretrain
 
-    record = run_pretrain(_config(args), command=command_line())
+    record = run_pretrain(_config(args), command=command_line(args.config, args.overrides))
     print(json.dumps(record, indent=2, sort_keys=True, default=str))
     return 0
 

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -178,8 +177,9 @@ def benchmark_scores(cfg: Config, weights: str, manifest: str) -> dict[str, dict
     return {d: score(cfg, weights, filter_rows(table, domain=d)) for d in sorted(set(table.column("domain").to_pylist()))}
 
 
-def command_line(argv: list[str] | None = None) -> str:
-    return shlex.join(["urbancross", *(sys.argv[1:] if argv is None else argv)])
+def command_line(config: str | None, overrides: list[str]) -> str:
+    """The `urbancross pretrain` command that re-makes a checkpoint (what its sidecar records)."""
+    return shlex.join(["urbancross", "pretrain", *(["--config", config] if config else []), *(a for o in overrides for a in ("--set", o))])
 
 
 def run_pretrain(cfg: Config, command: str = "") -> dict:
