@@ -17,7 +17,6 @@ import logging
 from pathlib import Path
 
 from ablations import chance_mr  # bench/ is the script's folder
-
 from urbancross.config import load_config
 from urbancross.data.manifest import filter_rows, is_manifest, read_manifest
 from urbancross.data.synth import synthesize
