@@ -476,7 +476,7 @@ class PretrainConfig(Section):
     precision, with a sidecar (`urbancross.embedded.write_sidecar`) at `output`.
     """
 
-    styles: int = num(4000, ge=2)
+    styles: int = num(3600, ge=2)
     tiles_per_style: int = num(5, ge=1)
     val_fraction: float = num(0.05, gt=0, lt=1)  # share of styles held out (web val: model choice, metrics)
     captions_per_image: int = num(5, ge=1, le=10)
