@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from urbancross import atomic, storage
@@ -82,7 +83,7 @@ def make_corpus(cfg: Config, out: str) -> pa.Table:
     ds = ds.map_batches(_style_block, fn_kwargs={"settings": settings}, batch_size=STYLES_PER_TASK,
                         batch_format="numpy", num_cpus=cfg.train.ingest_cpus)
     table = pa.concat_tables(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
-    table = table.take(pa.compute.sort_indices(table, [("image_id", "ascending")]))  # order-free: blocks finish in any order
+    table = table.take(pc.sort_indices(table, [("image_id", "ascending")]))  # order-free: blocks finish in any order
     write_manifest(table, out)
     atomic.write_json(record, settings, indent=2, sort_keys=True)
     log.info("pretrain: web corpus of %d tiles (%d styles) written to %s in %.1fs",
