@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -131,7 +132,9 @@ def export_clip(model_path: str, output: str) -> dict[str, torch.Tensor]:
     if not clip:
         raise ValueError(f"{model_path}: holds no CLIP towers (clip.* keys)")
     Path(output).parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_file(output, lambda tmp: torch.save(clip, tmp))
+    buf = io.BytesIO()  # torch.save names a file's records after the file: the atomic temporary name would make the bytes vary
+    torch.save(clip, buf)
+    atomic.write_bytes(output, buf.getvalue())
     return clip
 
 
