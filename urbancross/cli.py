@@ -122,6 +122,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain_sam(args: argparse.Namespace) -> int:
+    from urbancross.preprocess.sam_pretrain import run_pretrain_sam
+
+    argv = ["urbancross", "pretrain-sam"] + (["--config", args.config] if args.config else []) + [f"--set {o}" for o in args.overrides]
+    record = run_pretrain_sam(_config(args), command=" ".join(argv))
+    print(json.dumps(record, indent=2, sort_keys=True))
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from urbancross.tune import run_tune
 
@@ -313,6 +322,22 @@ def build_parser() -> argparse.ArgumentParser:
         p = add(name, cmd_train, text)
         _add_config_args(p)
         p.add_argument("--resume", action="store_true", help="continue the last run of this stage from its latest checkpoint")
+
+    p = add(
+        "pretrain-sam",
+        cmd_pretrain_sam,
+        "Train the tiny SAM (preprocess.sam.model_type: tiny) from random init on the procedural generator's own "
+        "object masks of random web-style tiles, with SAM's point-prompt objective (best of 3 masks, focal + dice, "
+        "IoU-head MSE), as a Ray Train job; print and record its mask recall on held-out web and benchmark val tiles.",
+    )
+    _add_config_args(p)
+    p.epilog = (
+        "Settings: config section sam_pretrain (tiles, steps, batch_size, lr, seed, output, ...); recall uses "
+        "preprocess.sam's points_per_side / pred_iou_thresh / stability_score_thresh and synth's val split. Writes the "
+        "fp16 checkpoint to sam_pretrain.output (default OUT_DIR/sam_pretrain/sam-tiny.pt) and beside it a sidecar "
+        "<output>.json (command, config, seed, sha256, metrics). The packaged embedded SAM was made with: "
+        "urbancross pretrain-sam --config urbancross/assets/sam-tiny.yaml"
+    )
 
     p = add(
         "tune",

@@ -160,7 +160,7 @@ class SamConfig(Section):
     """SAM segmentation stage (Ray Data actor pool)."""
 
     model_type: Literal["vit_b", "vit_l", "vit_h", "tiny"] = "tiny"
-    checkpoint: str = ""  # local .pth; empty with `tiny` = build a random tiny SAM under out_dir
+    checkpoint: str = ""  # local .pth; `embedded` = the packaged tiny SAM (assets/sam-tiny.pt); empty with `tiny` = a random tiny SAM under out_dir
     points_per_side: int = num(4, ge=1)  # 16 prompts: enough for the tiny demo SAM; real SAM models use 32
     pred_iou_thresh: float = num(0.5, ge=0, le=1)
     stability_score_thresh: float = num(0.6, ge=0, le=1)
@@ -180,6 +180,8 @@ class SamConfig(Section):
 
     def check(self) -> None:
         require(self.keep_largest >= self.num_segments, "keep_largest must be >= num_segments")
+        require(self.checkpoint != "embedded" or self.model_type == "tiny",
+                f"checkpoint: embedded is the packaged tiny SAM, so it needs model_type: tiny, not {self.model_type}")
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,31 @@ class PreprocessConfig(Section):
     def check(self) -> None:
         require(len(self.image_modes) >= 1, "image_modes must name at least one PIL mode")
         require(self.min_image_side <= self.max_image_side, "need 1 <= min_image_side <= max_image_side")
+
+
+@dataclass(frozen=True)
+class SamPretrainConfig(Section):
+    """`urbancross pretrain-sam`: the tiny SAM fine-tuned from random init on the generator's own object
+    masks (`synth.object_masks`) of random web-style tiles, with SAM's point-prompt mask objective."""
+
+    tiles: int = num(4000, ge=1)  # distinct training tiles (web styles, never the benchmark's countries)
+    image_size: int = num(64, ge=32, le=1024)  # tile side in pixels, as the benchmark's (synth.image_size)
+    steps: int = num(2000, ge=1)  # optimizer steps
+    batch_size: int = num(8, ge=1)  # tiles per step
+    prompts_per_tile: int = num(8, ge=1)  # point prompts per tile per step, each on a random object (or the ground)
+    ground_fraction: float = num(0.15, ge=0, lt=1)  # share of prompts on the ground, whose target is all non-object pixels
+    lr: float = num(3e-3, gt=0)  # AdamW peak, linear warm-up then cosine to 0
+    warmup: float = num(0.05, ge=0, lt=1)  # share of the steps
+    weight_decay: float = num(0.01, ge=0)
+    focal_weight: float = num(20.0, ge=0)  # SAM's 20:1 focal:dice
+    dice_weight: float = num(1.0, ge=0)
+    iou_weight: float = num(1.0, ge=0)  # MSE of the IoU head against each output's true IoU
+    eval_tiles: int = num(100, ge=0)  # held-out web tiles (another stream); the benchmark's val split (synth) is scored too
+    seed: int = num(0, ge=0)
+    output: str = ""  # the fp16 checkpoint (+ sidecar <output>.json); empty = <out_dir>/sam_pretrain/sam-tiny.pt
+    num_workers: int = num(1, ge=0)  # Ray Train workers; 0 = run the loop in this process
+    cpus_per_worker: float = num(1.0, ge=0)
+    threads: int = num(1, ge=1)  # torch threads in the loop and the evaluation (1: lean on a shared machine)
 
 
 @dataclass(frozen=True)
@@ -470,6 +497,7 @@ class Config(Section):
     data: DataConfig = field(default_factory=DataConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    sam_pretrain: SamPretrainConfig = field(default_factory=SamPretrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -448,21 +448,24 @@ DRAW: dict[str, Callable] = {
 }
 
 
-def draw_divider(d: ImageDraw.ImageDraw, divider: Divider, style: Style, size: int, phase: float) -> None:
+def divider_polygon(divider: Divider, size: int, phase: float) -> list[tuple[float, float]]:
+    """The divider's outline: a straight band (road) or one meandering within its reserved width (river)."""
     half, mid = band_half_width(divider, size), size / 2
     t = np.arange(size + 1)
     if divider.kind == "river":  # a meandering band, wobble within its reserved width
         width = half * 0.6
         centre = mid + half * 0.4 * np.sin(2 * np.pi * t / size * 1.5 + phase)
-        fill = style.water
     else:
-        width, centre, fill = half, np.full(len(t), mid), style.road
+        width, centre = half, np.full(len(t), mid)
     upper = [(float(x), float(c - width)) for x, c in zip(t, centre)]
     lower = [(float(x), float(c + width)) for x, c in zip(t[::-1], centre[::-1])]
     poly = upper + lower
-    if not divider.horizontal:
-        poly = [(y, x) for x, y in poly]
-    d.polygon(poly, fill=fill)
+    return poly if divider.horizontal else [(y, x) for x, y in poly]
+
+
+def draw_divider(d: ImageDraw.ImageDraw, divider: Divider, style: Style, size: int, phase: float) -> None:
+    mid = size / 2
+    d.polygon(divider_polygon(divider, size, phase), fill=style.water if divider.kind == "river" else style.road)
     if divider.kind == "road":  # dashed centre line
         for s in range(0, size, 6):
             seg = (s, mid, s + 2, mid) if divider.horizontal else (mid, s, mid, s + 2)
@@ -476,9 +479,11 @@ def ground(style: Style, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(style.ground, np.float32) + style.mottle * smooth[..., None]
 
 
-def render(scene: Scene, size: int) -> Image.Image:
-    """Draw `scene` as a size x size RGB tile; deterministic in the scene alone."""
-    style = STYLES[scene.domain]
+def render(scene: Scene, size: int, style: Style | None = None) -> Image.Image:
+    """Draw `scene` as a size x size RGB tile; deterministic in the scene (and its style) alone.
+
+    `style` defaults to the benchmark's `STYLES[scene.domain]`; the web corpus passes its own."""
+    style = style or STYLES[scene.domain]
     rng = np.random.default_rng(scene.texture_seed)
     img = Image.fromarray(np.clip(ground(style, size, rng), 0, 255).astype(np.uint8))
     d = ImageDraw.Draw(img)
@@ -488,6 +493,39 @@ def render(scene: Scene, size: int) -> Image.Image:
         DRAW[e.kind](d, element_box(e, scene.divider, size), style, e)
     noisy = np.asarray(img, np.float32) + rng.normal(0.0, style.grain, (size, size, 3))
     return Image.fromarray(np.clip(noisy + 0.5, 0, 255).astype(np.uint8))
+
+
+ELLIPSES = ("tree", "lake")  # kinds drawn as an ellipse in their box; the others fill it
+SHADOWED = ("building", "tree")  # kinds that cast a shadow one pixel south-east
+
+
+def object_masks(scene: Scene, size: int) -> list[tuple[str, np.ndarray]]:
+    """The generator's own objects in `render(scene, size)`: (kind, size x size bool mask) per element
+    in scene order, then the divider's visible part. Each mask is the shape `render` fills (a roof,
+    a crown, a lake, a field with its furrows, a pool with its paving), shadows excluded; they are
+    disjoint. Pure and style-free: the geometry does not depend on the palette."""
+
+    def shape(draw: Callable[[ImageDraw.ImageDraw], None]) -> np.ndarray:
+        canvas = Image.new("L", (size, size), 0)
+        draw(ImageDraw.Draw(canvas))
+        return np.asarray(canvas) > 0
+
+    out, cover = [], np.zeros((size, size), bool)
+    for e in scene.elements:
+        x0, y0, x1, y1 = box = element_box(e, scene.divider, size)
+        fill = "ellipse" if e.kind in ELLIPSES else "rectangle"
+        mask = shape(lambda d: getattr(d, fill)(box, fill=1))
+        out.append((e.kind, mask))
+        cover |= mask
+        if e.kind in SHADOWED:
+            cover |= shape(lambda d: getattr(d, fill)((x0 + 1, y0 + 1, x1 + 1, y1 + 1), fill=1))
+    if scene.divider:
+        rng = np.random.default_rng(scene.texture_seed)
+        rng.normal(0.0, 1.0, (GRID + 1, GRID + 1))  # `ground`'s draw, so that the phase is `render`'s
+        phase = float(rng.uniform(0, 2 * np.pi))
+        band = shape(lambda d: d.polygon(divider_polygon(scene.divider, size, phase), fill=1))
+        out.append((scene.divider.kind, band & ~cover))  # elements are drawn after it
+    return out
 
 
 # --------------------------------------------------------------------------- captions
@@ -609,9 +647,9 @@ def caption_relations(scene: Scene, style: Style, rng: np.random.Generator) -> s
 TEMPLATES = (caption_sides, caption_between, caption_relations, caption_listing, caption_area)
 
 
-def describe(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[str]:
+def describe(scene: Scene, rng: np.random.Generator, n: int = 5, style: Style | None = None) -> list[str]:
     """`n` distinct captions, cycling through the templates that apply (relations first)."""
-    style = STYLES[scene.domain]
+    style = style or STYLES[scene.domain]
     relational, plain = list(TEMPLATES[:3]), list(TEMPLATES[3:])
     order = [relational[i] for i in rng.permutation(3)] + [plain[i] for i in rng.permutation(2)]
     out: list[str] = []
@@ -664,7 +702,8 @@ def domain_rng(seed: int, domain: str, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(domain.encode()), stream])
 
 
-def domain_rows(cfg: SynthConfig, domain: str) -> list[dict]:
+def domain_scenes(cfg: SynthConfig, domain: str) -> tuple[list[Scene], list[str], np.random.Generator]:
+    """The domain's scenes, their split labels, and the stream its captions and places continue from."""
     style = STYLES[domain]
     rng = domain_rng(cfg.seed, domain, 0)
     scenes: list[Scene] = []
@@ -677,7 +716,12 @@ def domain_rows(cfg: SynthConfig, domain: str) -> list[dict]:
             scenes.append(make_scene(rng, style))
             families.append(i)
     sizes = split_sizes(cfg.images_per_domain, cfg.test_fraction, cfg.val_fraction)
-    splits = assign_splits(families, sizes, domain_rng(cfg.seed, domain, 1))
+    return scenes, assign_splits(families, sizes, domain_rng(cfg.seed, domain, 1)), rng
+
+
+def domain_rows(cfg: SynthConfig, domain: str) -> list[dict]:
+    style = STYLES[domain]
+    scenes, splits, rng = domain_scenes(cfg, domain)
     rows = []
     for i, (scene, split) in enumerate(zip(scenes, splits)):
         rows.append(

@@ -27,7 +27,7 @@ from PIL import Image
 
 from urbancross.config import Config, ConfigError, ModelConfig, SamConfig
 from urbancross.data.manifest import encode_png
-from urbancross.embedded import build_sam_tiny, ensure_tiny_sam
+from urbancross.embedded import build_sam_tiny, ensure_tiny_sam, resolve
 from urbancross.model.factory import create_model, get_tokenizer, image_transform
 
 # Scores candidate segments (PIL images) against an image's captions; higher = more relevant.
@@ -57,10 +57,11 @@ def load_sam(model_type: str, checkpoint: str):
 
 
 def resolve_checkpoint(cfg: Config) -> str:
-    """The SAM checkpoint to load; builds the random tiny one under out_dir when none is named."""
+    """The SAM checkpoint to load: `embedded` is the packaged tiny SAM (`urbancross pretrain-sam`),
+    a path is the user's; builds the random tiny one under out_dir when none is named."""
     sam = cfg.preprocess.sam
     if sam.checkpoint:
-        return sam.checkpoint
+        return resolve(sam.checkpoint, "sam")
     if sam.model_type != "tiny":
         raise ConfigError(f"preprocess.sam.checkpoint: model_type {sam.model_type} needs a local checkpoint file")
     return ensure_tiny_sam(Path(cfg.out_dir) / "models" / "tiny_sam.pth", seed=cfg.seed)
