@@ -51,7 +51,7 @@ def arguments(doc: str, out: str) -> argparse.ArgumentParser:
     ap.add_argument("--sources", default="Finland", help="comma-separated source countries")
     ap.add_argument("--images-per-domain", type=int, default=300)
     ap.add_argument("--test-fraction", type=float, default=0.5)
-    ap.add_argument("--set", action="append", default=["train.epochs=40", "train.batch_size=32", "adapt.epochs=10"],
+    ap.add_argument("--set", action="append", default=["train.epochs=40", "train.batch_size=32", "adapt.epochs=10", "train.num_workers=1"],
                     dest="overrides", metavar="KEY=VALUE", help="config overrides on urbancross/demo.yaml (after the defaults shown)")
     return ap
 

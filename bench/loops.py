@@ -3,11 +3,15 @@
 bench/adapt_controls.py, bench/domain_gap.py and bench/evidence.py train many small variants in
 minutes; a Ray Train fit per variant would cost more in start-up than in training. These loops
 run the Ray loops' own pieces in the driver process, so a variant here trains as
-`urbancross train` / `urbancross adapt` do with `train.num_workers: 1`:
+`urbancross train` / `urbancross adapt` do:
 
 - inputs decoded once into the training `Cache` (uint8 rows) and each epoch's batches drawn
   from it by `epoch_batches` (seeded permutation, augmentation from (seed, epoch, key)), one
   caption per image per epoch (`pick_caption`);
+- the `train.num_workers` ranks of a Ray fit emulated in turn: each step deals every rank its
+  `train.batch_size` rows of the same permutation, each rank's loss is computed on its own
+  rows (in-batch negatives per rank, as on a worker) and the step takes their mean, as data
+  parallelism averages the ranks' gradients (`train.num_workers: 1` = one plain process);
 - stage 1 through `RetrievalObjective` (segments and their losses when the model fuses them),
   with the curriculum (`Curriculum`, cold-start caption complexity, similarity-margin
   rescoring by the loop's `rescore`); stage 2 through `AdaptObjective` with `AdaptSchedule`,
@@ -50,7 +54,7 @@ from urbancross.train.trainer import difficulty_scores
 
 @dataclass
 class Solo:
-    """The loops' `Worker` for one process: rank 0 of a world of 1, on the CPU, in fp32."""
+    """The loops' `Worker` as seen from one process: rank `rank` of `world`, on the CPU, in fp32."""
 
     rank: int = 0
     world: int = 1
@@ -59,6 +63,12 @@ class Solo:
 
     def gather(self, obj):
         return [obj]
+
+
+def ranks(cfg: Config) -> list[Solo]:
+    """The `train.num_workers` ranks a Ray fit of `cfg` would run (at least one), emulated in turn."""
+    world = max(1, cfg.train.num_workers)
+    return [Solo(rank=r, world=world) for r in range(world)]
 
 
 def decode(cfg: Config, table: pa.Table) -> Cache:
@@ -129,14 +139,14 @@ def train_source(cfg: Config, table: pa.Table, val: pa.Table | None = None, cach
     epochs_run, seconds.
     """
     t0 = time.perf_counter()
-    w = Solo()
+    w, workers = Solo(), ranks(cfg)
     cache = cache if cache is not None else decode(cfg, table)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model)
     module = RetrievalObjective(model, cfg.loss)
     cold = difficulty_scores(cfg, table)
     curriculum = Curriculum(cfg.train.curriculum, cfg.train.epochs, {int(k): float(v) for k, v in zip(cold["keys"], cold["values"])})
-    total = train_steps(Curriculum(cfg.train.curriculum, cfg.train.epochs, {}), len(cache), cfg, 1)
+    total = train_steps(Curriculum(cfg.train.curriculum, cfg.train.epochs, {}), len(cache), cfg, len(workers))
     opt, sched = _optimizer(param_groups(module, cfg.train.lr, cfg.train.weight_decay), total, cfg.train.lr_schedule)
     chooser = _Chooser(cfg, val)
     module.train()
@@ -146,10 +156,10 @@ def train_source(cfg: Config, table: pa.Table, val: pa.Table | None = None, cach
             break
         _seed_torch(cfg.seed, epoch, 0)
         rows = np.flatnonzero(keep_mask(cache.keys, curriculum.allowed(epoch)))
-        for idx in epoch_batches(rows, cfg.train.batch_size, 1, 0, cfg.seed, epoch):
-            b = _prepare(cache.batch(idx, epoch, cfg.seed, cfg, w.device, train=True), w, epoch, cfg.seed)
-            loss, _ = module(b)
-            _step(module, opt, sched, loss, cfg.train.grad_clip)
+        shares = [epoch_batches(rows, cfg.train.batch_size, r.world, r.rank, cfg.seed, epoch) for r in workers]
+        for step_rows in zip(*shares):  # one optimizer step: the mean of the ranks' losses, as data parallelism averages gradients
+            losses = [module(_prepare(cache.batch(idx, epoch, cfg.seed, cfg, w.device, train=True), w, epoch, cfg.seed))[0] for idx in step_rows]
+            _step(module, opt, sched, torch.stack(losses).mean(), cfg.train.grad_clip)
         if curriculum.rescore_due(epoch):
             curriculum.scores = rescore(module, cache, cfg, w, epoch, curriculum.scores)
         chooser.end_epoch(model, epoch, epoch + 1 == cfg.train.epochs, counts=curriculum.fraction(epoch) >= 1.0)
@@ -166,11 +176,11 @@ def adapt(cfg: Config, model, source: pa.Table, target: pa.Table, val: pa.Table 
     """
     t0 = time.perf_counter()
     a = cfg.adapt
-    w = Solo()
+    w, workers = Solo(), ranks(cfg)
     src, tgt = caches if caches is not None else (decode(cfg, source), decode(cfg, target))
     torch.manual_seed(cfg.seed)
     module = AdaptObjective(copy.deepcopy(model), cfg.loss, a)
-    steps_per_epoch = math.ceil(len(src) / cfg.train.batch_size)
+    steps_per_epoch = math.ceil(len(src) / (cfg.train.batch_size * len(workers)))  # as run_adapt
     schedule = AdaptSchedule(a, steps_per_epoch)
     opt, sched = _optimizer(param_groups(module, a.lr, cfg.train.weight_decay, disc_lr=a.disc_lr), steps_per_epoch * a.epochs, a.lr_schedule)
     chooser = _Chooser(cfg, val)
@@ -181,13 +191,17 @@ def adapt(cfg: Config, model, source: pa.Table, target: pa.Table, val: pa.Table 
             break
         _seed_torch(cfg.seed, epoch, 0)
         share, accuracy = schedule.share(epoch), []
-        targets = _target_batches(tgt, cfg, w, epoch)
-        for i, idx in enumerate(epoch_batches(np.arange(len(src)), cfg.train.batch_size, 1, 0, cfg.seed, epoch, 0)):
-            s = _prepare(src.batch(idx, epoch, cfg.seed, cfg, w.device, train=True), w, epoch, cfg.seed)
-            t = _prepare(tgt.batch(next(targets), epoch, cfg.seed, cfg, w.device, train=True), w, epoch, cfg.seed)
-            loss, logs = module(s, t, schedule.weight(epoch, i), share, schedule.phase(step))
-            accuracy.append(float(logs["disc_acc"]))
-            _step(module, opt, sched, loss, cfg.train.grad_clip)
+        targets = [_target_batches(tgt, cfg, r, epoch) for r in workers]
+        shares = [epoch_batches(np.arange(len(src)), cfg.train.batch_size, r.world, r.rank, cfg.seed, epoch, 0) for r in workers]
+        for i, step_rows in enumerate(zip(*shares)):
+            losses = []
+            for idx, rank_targets in zip(step_rows, targets):
+                s = _prepare(src.batch(idx, epoch, cfg.seed, cfg, w.device, train=True), w, epoch, cfg.seed)
+                t = _prepare(tgt.batch(next(rank_targets), epoch, cfg.seed, cfg, w.device, train=True), w, epoch, cfg.seed)
+                loss, logs = module(s, t, schedule.weight(epoch, i), share, schedule.phase(step))
+                losses.append(loss)
+                accuracy.append(float(logs["disc_acc"]))
+            _step(module, opt, sched, torch.stack(losses).mean(), cfg.train.grad_clip)
             step += 1
         chooser.end_epoch(module.model, epoch, epoch + 1 == a.epochs)
     info = chooser.chosen(module.model)
