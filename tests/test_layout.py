@@ -1,7 +1,7 @@
 """The package's shape: imports run one way down the pipeline, and the README's map names every module.
 
 Layers, bottom to top: config (+ tracking, atomic, storage) < data < preprocess / model (+ embedded)
-/ loss < train < tune / evaluate < registry < cli / demo. `loss.py` is pure functions of
+/ loss < train < tune / evaluate / pretrain < registry < cli / demo. `loss.py` is pure functions of
 tensors (it imports only config), so a model may mine its negatives with them. An import (module-level or inside a
 function) may point down or sideways, never up. `evaluate/metrics.py` and `evaluate/smr.py`
 are pure leaves (they import nothing from urbancross) that validation in `train/` uses too:
@@ -31,6 +31,7 @@ LAYERS = {  # module prefix -> level; the longest matching prefix wins
     "urbancross.evaluate.metrics": 3,
     "urbancross.evaluate.smr": 3,
     "urbancross.tune": 4,
+    "urbancross.pretrain": 4,
     "urbancross.evaluate": 4,
     "urbancross.registry": 5,
     "urbancross.cli": 6,

@@ -280,6 +280,11 @@ class ModelConfig(Section):
 
     def check(self) -> None:
         require(bool(self.window_sizes), "window_sizes must name at least one window size")
+        require(  # "embedded" (urbancross.embedded.EMBEDDED) is the packaged tiny CLIP
+            self.pretrained != "embedded" or (self.family == "urbancross" and self.preset == "tiny"),
+            f"pretrained: 'embedded' is the packaged tiny CLIP, only valid with family urbancross and preset tiny "
+            f"(got family {self.family!r}, preset {self.preset!r})",
+        )
 
     @property
     def uses_segments(self) -> bool:
@@ -488,6 +493,31 @@ class ServeConfig(Section):
 
 
 @dataclass(frozen=True)
+class PretrainConfig(Section):
+    """`urbancross pretrain`: contrastive pretraining of the tiny CLIP's two towers on the embedded
+    world's web corpus (`urbancross/data/web.py`), run as the train stage (Ray Train + DeepSpeed;
+    the rest of `train.*` applies) with the model chosen on the web val split only.
+
+    The corpus: `styles` random styles x `tiles_per_style` tiles at `synth.image_size`, whole
+    styles held out as web val. The export is the CLIP towers in open_clip's format, half
+    precision, with a sidecar (`urbancross.embedded.write_sidecar`) at `output`.
+    """
+
+    styles: int = num(3600, ge=2)
+    tiles_per_style: int = num(5, ge=1)
+    val_fraction: float = num(0.05, gt=0, lt=1)  # share of styles held out (web val: model choice, metrics)
+    captions_per_image: int = num(5, ge=1, le=10)
+    seed: int = num(0, ge=0)  # corpus and training seed
+    corpus: str = ""  # manifest folder of the corpus; empty = <out_dir>/web (re-made when its settings change)
+    output: str = ""  # exported checkpoint; empty = <out_dir>/clip-tiny.pt
+    epochs: int = num(4, ge=1)
+    batch_size: int = num(128, ge=2)  # per worker micro-batch (train.batch_size)
+    lr: float = num(1e-3, gt=0)  # peak (train.lr_schedule's curve)
+    val_images: int = num(1000, ge=1)  # web val images scored each epoch (model choice)
+    benchmark: str = ""  # a benchmark manifest, or `synth` (the synth section's, made under out_dir): zero-shot mR on its val split
+
+
+@dataclass(frozen=True)
 class Config(Section):
     """A whole run: one file configures every stage of the pipeline."""
 
@@ -507,6 +537,7 @@ class Config(Section):
     promote: PromoteConfig = field(default_factory=PromoteConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dicts and lists (YAML/JSON-able); `config_from_dict` reads it back."""
@@ -791,6 +822,7 @@ __all__ = [
     "DataConfig",
     "DedupConfig",
     "MLflowConfig",
+    "PretrainConfig",
     "SynthConfig",
     "config_from_dict",
     "flatten",

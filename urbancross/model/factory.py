@@ -24,7 +24,7 @@ from open_clip.convert import convert_state_dict
 from open_clip.factory import get_model_config
 from torchvision import transforms as T
 
-from urbancross import storage
+from urbancross import embedded, storage
 from urbancross.config import ModelConfig
 from urbancross.model.cmpagl import SIZES as CMPAGL_SIZES
 from urbancross.model.cmpagl import CMPAGLModel, build_cmpagl
@@ -173,6 +173,7 @@ def announce_weights(cfg: ModelConfig, path: str) -> dict:
         report = load_weights(create_model(cfg, pretrained=""), path, preset="cmpagl")
     else:
         report = load_weights(_build(cfg, loads_weights=True), path, preset=cfg.preset)
+    path = embedded.resolve(path, "clip")
     local = storage.local_path(path) if storage.is_remote(path) else path
     if local is not None:
         report["sha256"] = sha256_prefix(local)
@@ -235,6 +236,7 @@ def load_weights(model: UrbanCrossModel | CMPAGLModel, path: str, preset: str = 
     open_clip's conversion, e.g. `text.transformer.embeddings.position_ids`) and `random_init`
     (model keys the checkpoint does not have: the UrbanCross heads of a plain CLIP checkpoint).
     """
+    path = embedded.resolve(path, "clip")  # `model.pretrained: embedded`: the packaged tiny CLIP, loaded like a user's file
     if storage.is_remote(path):
         local = storage.local_path(path)
         if local is None:  # object storage: fetch once into a temporary file (open_clip's loader wants a path)

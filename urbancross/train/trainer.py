@@ -32,6 +32,7 @@ from urbancross import storage
 from urbancross.config import Config, ConfigError, dump_config, local_absolute
 from urbancross.data.ingest import caption_texts, read_split, sample_key
 from urbancross.data.manifest import ManifestError, read_manifest
+from urbancross.embedded import EMBEDDED
 from urbancross.model.factory import announce_weights
 from urbancross.model.inputs import ModelInputs
 from urbancross.tracking import log_json_artifact, mlflow_run
@@ -58,7 +59,8 @@ def absolute_paths(cfg: Config) -> Config:
     if not cfg.data.manifest:
         raise ConfigError("data.manifest is empty: set it to a manifest folder (or run `urbancross demo`)")
     paths = ("out_dir", "data.manifest", "data.root", "adapt.checkpoint", "model.pretrained")
-    cfg = cfg.override({key: local_absolute(cfg.flat()[key]) for key in paths}, where="absolute paths")
+    flat = cfg.flat()
+    cfg = cfg.override({key: local_absolute(flat[key]) for key in paths if flat[key] != EMBEDDED}, where="absolute paths")
     return cfg.override({"mlflow.tracking_uri": cfg.tracking_uri()}, where="absolute paths")
 
 
