@@ -330,7 +330,8 @@ def render(evidence: Mapping[str, Any]) -> str:
     c = f"{chance:.2f}"
     lines = [
         f"Test mR (mean ± sd over seeds {seeds}), {evidence['test_images_per_domain']} test images per country "
-        f"(chance mR {c}); trained on {src}, adapted to {tgt}; epochs chosen on val.",
+        f"(chance mR {c}); trained on {src}, adapted to {tgt}; each arm's epoch chosen on val (val mR column: {src}'s val split "
+        f"for stage-1 arms, {tgt}'s for stage-2 arms, {evidence.get('val_images', '?')} images each).",
         "",
         f"| arm | {src} (in-domain) | × chance | " + " | ".join(others) + f" | {tgt} (target) | {tgt} + SMR | chance | "
         "val mR (choice) | best epoch | s per seed |",
@@ -461,7 +462,8 @@ def run(out: Path, seeds: Sequence[int], overrides: Sequence[str], jobs: int, th
     chance = chance_mr(images)
     evidence = {
         "source_domain": src, "target_domain": tgt, "domains": domains, "seeds": list(seeds), "overrides": list(overrides),
-        "test_images_per_domain": images, "chance": chance, "jobs": jobs, "threads_per_job": threads,
+        "test_images_per_domain": images, "val_images": read_split(base, base.data.val_split, src).num_rows, "chance": chance,
+        "jobs": jobs, "threads_per_job": threads,
         "model.pretrained": base.model.pretrained, "preprocess.sam.checkpoint": base.preprocess.sam.checkpoint,
         "preprocess": pre, "preprocess_seconds": t_pre,
         "summary": summarize(runs, arms, seeds, domains),
