@@ -2,12 +2,12 @@
 
     python bench/adapt_controls.py --out runs/adapt_controls --seeds 0 1 2 [--sources Finland,Germany] [--set KEY=VALUE ...]
 
-Fast single-process loops (no Ray), so that several variants fit in minutes: per seed, trains
-one source model on `--sources` (plain PyTorch, the library's model and loss), then adapts a
-copy of it to `data.target_domain` with `AdaptObjective` -- the exact stage-2 module the Ray
-loop runs, on the stages' learning-rate curves (warm-up + cosine to `train.lr` / `adapt.lr`) --
-once per variant, and prints test mR per country as mean +- sd over the seeds,
-with chance. The benchmark (synth.seed) is the same for every seed; the seed sets the model's
+Fast single-process loops (bench/loops.py: the Ray loops' cache, batches, curriculum,
+objectives and lr curves, no Ray), so that several variants fit in minutes: per seed, trains
+one source model on `--sources`, then adapts a copy of it to `data.target_domain` with
+`AdaptObjective` -- the exact stage-2 module the Ray loop runs -- once per variant (each
+stage's last epoch: no model choice on val here; bench/evidence.py chooses on val), and
+prints test mR per country as mean +- sd over the seeds, with chance. The benchmark (synth.seed) is the same for every seed; the seed sets the model's
 initialisation, the batch order and the augmentation. Rows:
 
 - source only: the stage-1 model, not adapted;
@@ -25,93 +25,23 @@ tells a weak adversary from a useless alignment. The last line is JSON.
 from __future__ import annotations
 
 import argparse
-import copy
-import itertools
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from ablations import chance_mr  # bench/ is the script's folder
+from loops import adapt, test_mr, train_source
 from urbancross.config import load_config
-from urbancross.data.ingest import pick_caption, read_split
+from urbancross.data.ingest import read_split
 from urbancross.demo import DEMO_CONFIG
-from urbancross.evaluate.scoring import domain_metrics
-from urbancross.loss import retrieval_loss
-from urbancross.model.embed import embed_table, numpy_batches
-from urbancross.model.factory import create_model
-from urbancross.model.inputs import ModelInputs
-from urbancross.train.adversarial import AdaptObjective, AdaptSchedule
-from urbancross.train.lr_schedule import lr_factor
 
 VARIANTS = {
     "plain fine-tune (control)": ["adapt.max_weight=0", "adapt.select_fraction=1.0", "adapt.curriculum=false", "adapt.weight_floor=1.0"],
     "UrbanCross (paper)": [],
     "target captions as labels": ["adapt.use_target_captions=true"],
 }
-
-
-def batches(cfg, table: pa.Table, epoch: int, seed: int):
-    """Shuffled, augmented batches of one caption per image (what ModelInputs gives Ray Data)."""
-    inputs = ModelInputs(cfg, train=True)
-    order = np.random.default_rng(seed + epoch).permutation(table.num_rows)
-    for rows in numpy_batches(table.take(order), cfg.train.batch_size):
-        x = inputs(rows)
-        yield {"images": torch.as_tensor(x["images"]), "tokens": pick_caption(torch.as_tensor(x["tokens"]), x["key"], epoch, cfg.seed)}
-
-
-def train_source(cfg, table: pa.Table):
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    total = cfg.train.epochs * math.ceil(table.num_rows / cfg.train.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, cfg.train.lr_schedule))  # as the Ray loop
-    for epoch in range(cfg.train.epochs):
-        for b in batches(cfg, table, epoch, cfg.seed):
-            loss, _ = retrieval_loss(model(b["images"], b["tokens"]), cfg.loss)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            opt.step()
-            sched.step()
-    return model
-
-
-def adapt(cfg, model, source: pa.Table, target: pa.Table):
-    """Stage 2 as `adapt_loop_per_worker` runs it: one source and one target batch per step.
-
-    Returns the adapted model and the discriminator's mean accuracy over the last pass.
-    """
-    a = cfg.adapt
-    torch.manual_seed(cfg.seed)
-    module = AdaptObjective(copy.deepcopy(model), cfg.loss, a)
-    opt = torch.optim.AdamW([{"params": module.model.parameters(), "lr": a.lr}, {"params": module.disc.parameters(), "lr": a.disc_lr}],
-                            weight_decay=cfg.train.weight_decay)
-    schedule = AdaptSchedule(a, steps_per_epoch=math.ceil(source.num_rows / cfg.train.batch_size))
-    total = a.epochs * schedule.steps_per_epoch  # the model's lr follows adapt.lr_schedule, the discriminator's is constant
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda step: lr_factor(step, total, a.lr_schedule), lambda step: 1.0])
-    step = 0
-    for epoch in range(a.epochs):
-        accuracy = []
-        share = schedule.share(epoch)
-        targets = (b for k in itertools.count() for b in batches(cfg, target, 1000 * (epoch + 1) + k, cfg.seed + 1))
-        for i, src in enumerate(batches(cfg, source, epoch, cfg.seed)):
-            loss, logs = module(src, next(targets), schedule.weight(epoch, i), share, schedule.phase(step))
-            accuracy.append(float(logs["disc_acc"]))
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
-            opt.step()
-            sched.step()
-            step += 1
-    return module.model, float(np.mean(accuracy))
-
-
-def test_mr(cfg, model, test: pa.Table) -> dict[str, float]:
-    return {r["tested_on"]: r["mR"] for r in domain_metrics(embed_table(model.eval(), test, cfg), cfg.evaluate)}
 
 
 def arguments(doc: str, out: str) -> argparse.ArgumentParser:
@@ -121,7 +51,7 @@ def arguments(doc: str, out: str) -> argparse.ArgumentParser:
     ap.add_argument("--sources", default="Finland", help="comma-separated source countries")
     ap.add_argument("--images-per-domain", type=int, default=300)
     ap.add_argument("--test-fraction", type=float, default=0.5)
-    ap.add_argument("--set", action="append", default=["train.epochs=40", "train.batch_size=32", "adapt.epochs=10"],
+    ap.add_argument("--set", action="append", default=["train.epochs=40", "train.batch_size=32", "adapt.epochs=10", "train.num_workers=1"],
                     dest="overrides", metavar="KEY=VALUE", help="config overrides on urbancross/demo.yaml (after the defaults shown)")
     return ap
 
@@ -159,12 +89,13 @@ def main() -> None:
     accuracy: dict[str, list[float]] = {n: [] for n in VARIANTS}
     for seed in args.seeds:
         cfg0 = base.override({"seed": seed})
-        model = train_source(cfg0, source)
+        model, _ = train_source(cfg0, source)
         runs["source only"].append(test_mr(cfg0, model, test))
         print(f"seed {seed} source only: {runs['source only'][-1]}", flush=True)
         for name, overrides in VARIANTS.items():
             cfg = load_config(DEMO_CONFIG, [*args.overrides, *overrides, f"data.manifest={manifest}", f"seed={seed}"])
-            adapted, acc = adapt(cfg, model, source, target)
+            adapted, info = adapt(cfg, model, source, target)
+            acc = info["disc_acc"]
             runs[name].append(test_mr(cfg, adapted, test))
             accuracy[name].append(acc)
             print(f"seed {seed} {name}: {runs[name][-1]}, discriminator accuracy {acc:.2f}", flush=True)

@@ -18,7 +18,8 @@ from dataclasses import replace
 import pyarrow as pa
 
 from ablations import chance_mr  # bench/ is the script's folder
-from adapt_controls import arguments, benchmark, test_mr, train_source
+from adapt_controls import arguments, benchmark
+from loops import test_mr, train_source
 from urbancross.data import synth
 from urbancross.data.ingest import read_split
 from urbancross.data.manifest import encode_png, to_table
@@ -44,7 +45,7 @@ def main() -> None:
     args = arguments(__doc__, "runs/domain_gap").parse_args()
     cfg = benchmark(args)
     sources, target = args.sources.split(","), cfg.data.target_domain
-    model = train_source(cfg, pa.concat_tables([read_split(cfg, "train", d) for d in sources]))
+    model, _ = train_source(cfg, pa.concat_tables([read_split(cfg, "train", d) for d in sources]))
     test = read_split(cfg, "test")
     in_domain = test_mr(cfg, model, test)
     images = test.num_rows // len(in_domain)  # the gallery is as large as one country's test split

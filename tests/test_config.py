@@ -84,10 +84,11 @@ def test_demo_config_is_valid_and_only_overrides_its_budget():
     cfg, default = load_config(DEMO_CONFIG), Config()
     changed = {k for k, v in cfg.flat().items() if default.flat()[k] != v}
     assert changed == {
-        "synth.images_per_domain", "model.use_segments", "train.epochs", "train.batch_size",
-        "train.lr", "train.curriculum.rescore_every", "adapt.epochs",
+        "synth.images_per_domain", "preprocess.sam.checkpoint", "model.pretrained", "model.use_segments", "train.epochs",
+        "train.batch_size", "train.lr", "train.curriculum.rescore_every", "adapt.epochs", "adapt.lr",
     }
-    assert (cfg.model.use_segments, cfg.train.epochs, cfg.train.lr, cfg.adapt.epochs) == (False, 40, 0.001, 8)
+    assert (cfg.model.pretrained, cfg.preprocess.sam.checkpoint) == ("embedded", "embedded")  # the packaged pretrained models
+    assert (cfg.model.use_segments, cfg.train.epochs, cfg.train.lr, cfg.adapt.epochs, cfg.adapt.lr) == (False, 10, 3e-5, 8, 3e-7)
 
 
 # --------------------------------------------------------------------------- a config is a value

@@ -22,6 +22,7 @@ from urbancross.config import Config, local_absolute, save_config
 from urbancross.data.manifest import read_manifest, summary_json
 from urbancross.data.synth import synthesize
 from urbancross.evaluate.job import run_evaluate
+from urbancross.evaluate.report import to_markdown
 from urbancross.preprocess import run_preprocess
 from urbancross.train import run_adapt, run_train
 
@@ -104,4 +105,5 @@ def run_demo(cfg: Config) -> list[dict]:
 
     records = timed("evaluate on every domain", lambda: run_evaluate(cfg))  # logs the table
     log.info("demo: finished in %.0fs; table in %s, MLflow store %s", time.perf_counter() - t0, out / "cross_domain.json", cfg.tracking_uri())
+    print(to_markdown(records), flush=True)  # the cross-domain table, last on stdout
     return records
