@@ -88,7 +88,7 @@ def test_demo_config_is_valid_and_only_overrides_its_budget():
         "train.batch_size", "train.lr", "train.curriculum.rescore_every", "adapt.epochs", "adapt.lr",
     }
     assert (cfg.model.pretrained, cfg.preprocess.sam.checkpoint) == ("embedded", "embedded")  # the packaged pretrained models
-    assert (cfg.model.use_segments, cfg.train.epochs, cfg.train.lr, cfg.adapt.epochs, cfg.adapt.lr) == (False, 10, 3e-5, 8, 3e-7)
+    assert (cfg.model.use_segments, cfg.train.epochs, cfg.train.lr, cfg.adapt.epochs, cfg.adapt.lr) == (False, 10, 1e-4, 8, 1e-6)
 
 
 # --------------------------------------------------------------------------- a config is a value
