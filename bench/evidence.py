@@ -127,6 +127,9 @@ def plan(base: Config, scratch: Sequence[str] = SCRATCH_RECIPE) -> tuple[list[Ar
         flip = "off" if on else "on"
         label = f"{key.replace('_', ' ')} {flip} ({path}={str(not on).lower()})"
         arms.append(Arm(f"{key}_{flip}", label, (f"{path}={str(not on).lower()}",), "source" if stage == "adapt" else None, key))
+    if not base.model.use_segments:  # the other segment encoding (issue 15): one tower pass per tile
+        arms.append(Arm("segments_pooled", "segments on, pooled from the tile's patch tokens (model.segment_encoding=pooled)",
+                        ("model.use_segments=true", "model.segment_encoding=pooled")))
     return arms, not_run
 
 
@@ -251,6 +254,9 @@ COMPARISONS = [  # (name, arm a, arm b, domain role, smr): a - b per seed
     ("SMR on - off: source model, in-domain", "source", "source", "source", (True, False)),
     ("SMR on - off: source model, target", "source", "source", "target", (True, False)),
     ("SMR on - off: adapted, target", "adapted", "adapted", "target", (True, False)),
+    ("segments pooled - off, in-domain", "segments_pooled", "source", "source", False),
+    ("segments pooled - crops, in-domain", "segments_pooled", "segments_on", "source", False),
+    ("segments pooled - off, target", "segments_pooled", "source", "target", False),
 ]
 
 

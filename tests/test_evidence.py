@@ -56,6 +56,7 @@ def test_plan_flips_each_toggle_against_the_defaults_and_says_what_is_not_run():
     cfg = base_config()
     seg = "segments_on" if not cfg.model.use_segments else "segments_off"
     assert seg in names and "curriculum_off" in names and "adapt_curriculum_off" in names
+    assert ("segments_pooled" in names) == (not cfg.model.use_segments)
     by = {a.name: a for a in arms}
     assert by["adapt_curriculum_off"].start == "source" and by["curriculum_off"].start is None
     assert by["curriculum_off"].overrides == ("train.curriculum.enabled=false",)
@@ -184,5 +185,5 @@ def test_tasks_keep_each_adapt_arm_with_its_source_arm():
                       (1, ["source", "control", "adapted", "upper", "adapt_curriculum_off"])]
     alone = sorted((s, g[0].name) for s, g in work if g[0].name != "source")
     assert all(len(g) == 1 and g[0].start is None for s, g in work if g[0].name != "source")
-    assert len(alone) == 2 * 3 and (0, "scratch") in alone  # scratch, segments, curriculum per seed
+    assert len(alone) == 2 * 4 and (0, "scratch") in alone  # scratch, segments (crops, pooled), curriculum per seed
     assert math.isclose(sum(len(g) for _, g in work), 2 * len(arms))
