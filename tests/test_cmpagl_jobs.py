@@ -156,7 +156,7 @@ def test_demo_method_cmpagl_sets_the_family_before_any_set(monkeypatch, tmp_path
     monkeypatch.setattr(demo, "run_demo", lambda cfg: seen.setdefault("cfg", cfg))
     assert cli.main(["demo", "--method", "cmpagl", "--out", str(tmp_path), "--set", "train.lr=0.001"]) == 0
     cfg = seen["cfg"]
-    assert (cfg.model.family, cfg.loss.kind, cfg.train.lr) == ("cmpagl", "triplet", 0.001)
+    assert (cfg.model.family, cfg.model.pretrained, cfg.loss.kind, cfg.train.lr) == ("cmpagl", "", "triplet", 0.001)
     seen.clear()
     assert cli.main(["demo", "--out", str(tmp_path)]) == 0
     assert seen["cfg"].model.family == "urbancross"
