@@ -725,20 +725,27 @@ def domain_rows(cfg: SynthConfig, domain: str) -> list[dict]:
     rows = []
     for i, (scene, split) in enumerate(zip(scenes, splits)):
         rows.append(
-            {
-                "image_id": f"{domain}_{i:06d}",
-                "image": encode_png(render(scene, cfg.image_size)),
-                "captions": describe(scene, rng, cfg.captions_per_image),
-                "domain": domain,
-                "split": split,
-                "label": scene_label(scene),
-                "lat": round(float(rng.uniform(*style.lat)), 5),
-                "lon": round(float(rng.uniform(*style.lon)), 5),
-                "geo_tags": geo_tags(scene),
-                "source": f"synth:{domain}:{i}",
-            }
+            scene_row(scene, style, rng, f"{domain}_{i:06d}", domain, split, cfg.image_size, cfg.captions_per_image,
+                      f"synth:{domain}:{i}")
         )
     return rows
+
+
+def scene_row(scene: Scene, style: Style, rng: np.random.Generator, image_id: str, domain: str, split: str,
+              image_size: int, captions: int, source: str) -> dict:
+    """One manifest row of `scene` drawn in `style` (captions, then lat/lon, drawn from `rng` in that order)."""
+    return {
+        "image_id": image_id,
+        "image": encode_png(render(scene, image_size, style)),
+        "captions": describe(scene, rng, captions, style),
+        "domain": domain,
+        "split": split,
+        "label": scene_label(scene),
+        "lat": round(float(rng.uniform(*style.lat)), 5),
+        "lon": round(float(rng.uniform(*style.lon)), 5),
+        "geo_tags": geo_tags(scene),
+        "source": source,
+    }
 
 
 def synthesize(cfg: SynthConfig, out: str, *, overwrite: bool = False) -> pa.Table:

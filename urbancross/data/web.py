@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from urbancross.data.manifest import encode_png
-from urbancross.data.synth import KINDS, Scene, Style, describe, geo_tags, make_scene, perturb, render, scene_label
+from urbancross.data.synth import KINDS, Scene, Style, make_scene, perturb, scene_row
 
 RGB = tuple[int, int, int]
 
@@ -152,18 +151,6 @@ def style_rows(
     split = split_of(seed, index, val_fraction, test_fraction)
     rows = []
     for j, scene in enumerate(web_scenes(rng, style, tiles, near_duplicate_fraction)):
-        rows.append(
-            {
-                "image_id": f"web_{index:06d}_{j:02d}",
-                "image": encode_png(render(scene, image_size, style)),
-                "captions": describe(scene, rng, captions, style),
-                "domain": "web",
-                "split": split,
-                "label": scene_label(scene),
-                "lat": round(float(rng.uniform(*style.lat)), 5),
-                "lon": round(float(rng.uniform(*style.lon)), 5),
-                "geo_tags": geo_tags(scene),
-                "source": f"web:{seed}:{index}:{j}",
-            }
-        )
+        rows.append(scene_row(scene, style, rng, f"web_{index:06d}_{j:02d}", "web", split, image_size, captions,
+                              f"web:{seed}:{index}:{j}"))
     return rows
