@@ -142,7 +142,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=256, help="training images")
     ap.add_argument("--batch-size", type=int, default=16, help="per worker")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker (and in the plain loop)")
-    ap.add_argument("--zero-stage", type=int, default=2)
+    ap.add_argument("--zero-stage", type=int, default=None, help="DeepSpeed ZeRO stage; default: train.zero_stage's default, what a CPU run uses")
     ap.add_argument("--min-steps", type=int, default=50, help="timed steps per worker after the warm-up epoch")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--demo", action="store_true", help="also run the demo and report its wall time per stage")
@@ -172,7 +172,7 @@ def main() -> None:
                 f"train.epochs={epochs}",
                 f"train.checkpoint_every={epochs}",
                 f"train.batch_size={args.batch_size}",
-                f"train.zero_stage={args.zero_stage}",
+                *([f"train.zero_stage={args.zero_stage}"] if args.zero_stage is not None else []),
                 f"train.threads_per_worker={args.threads}",
                 f"train.precision={'bf16' if args.gpu else 'fp32'}",
                 f"train.use_gpu={args.gpu}",
@@ -180,7 +180,7 @@ def main() -> None:
             ],
         )
         table = read_split(cfg, "train", "Finland")
-        print(f"{table.num_rows} images, batch {args.batch_size}/worker, {epochs} epochs, tiny preset, ZeRO-{args.zero_stage}, "
+        print(f"{table.num_rows} images, batch {args.batch_size}/worker, {epochs} epochs, tiny preset, ZeRO-{cfg.train.zero_stage}, "
               f"{args.threads} thread(s)/worker, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
               f"DeepSpeed op cache {'cold' if cold else 'warm'}", flush=True)
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)

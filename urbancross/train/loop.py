@@ -57,6 +57,7 @@ from urbancross.train.cache import Cache, epoch_batches, rank_rows, rng
 from urbancross.train.checkpoint_io import load_weights_only
 from urbancross.train.curriculum import Curriculum, keep_mask, margin_difficulty, update_scores
 from urbancross.train.deepspeed_config import deepspeed_config, use_bf16
+from urbancross.train.grad_sync import GradSync, shm_allreduce_env
 from urbancross.train.lr_schedule import lr_factor
 from urbancross.train.objective import RetrievalObjective, restore_scalars, vectorize_scalars
 from urbancross.train.selection import Selection
@@ -78,6 +79,7 @@ class Worker:
 
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.shm = shm_allreduce_env(self.world, ctx.get_local_world_size())
         self.local_rank = ctx.get_local_rank()
         self.name = ctx.get_experiment_name()
         self.local_checkpoints = local_checkpoints
@@ -170,10 +172,11 @@ def load_cache(name: str, config: dict) -> Cache:
     return Cache.from_folder(folder) if folder else Cache.from_shard(ray.train.get_dataset_shard(name))
 
 
-def _start(w: Worker, cfg: Config, stage: str, caches: dict[str, Cache]) -> None:
+def _start(w: Worker, cfg: Config, stage: str, caches: dict[str, Cache], sync: GradSync) -> None:
     if w.rank == 0:
         sizes = ", ".join(f"{k} {len(c)} rows" for k, c in caches.items())
-        log.info("%s: %d worker(s) x %d torch thread(s) (train.threads_per_worker); cached %s", stage, w.world, w.threads, sizes)
+        log.info("%s: %d worker(s) x %d torch thread(s) (train.threads_per_worker), gradient all-reduce %s; cached %s",
+                 stage, w.world, w.threads, sync.describe(), sizes)
 
 
 # --------------------------------------------------------------------------- engine + checkpoints
@@ -505,6 +508,7 @@ def train_loop_per_worker(config: dict) -> dict:
     steps = train_steps(Curriculum(cfg.train.curriculum, cfg.train.epochs, {}), len(cold["keys"]), cfg, w.world)
     groups = param_groups(module, cfg.train.lr, cfg.train.weight_decay)
     engine = build_engine(module, groups, cfg, w, cfg.train.lr_schedule, steps)
+    sync = GradSync(engine, w.world, w.shm)
     startup = {"startup_engine_seconds": time.perf_counter() - began}
     client, cur_state = restore(engine, config.get("resume_from"))
     scores = Curriculum.scores_from_state(cur_state if cur_state is not None else cold)
@@ -514,7 +518,7 @@ def train_loop_per_worker(config: dict) -> dict:
     t0 = time.perf_counter()
     cache = load_cache("train", config)
     startup["startup_cache_seconds"] = time.perf_counter() - t0
-    _start(w, cfg, "train", {"train": cache})
+    _start(w, cfg, "train", {"train": cache}, sync)
     val = _optional_shard("val")
     selection = Selection.from_state(client, cfg.train.patience)
     export = lambda: export_model(engine, model, scalars, config["model_path"], w)  # noqa: E731
@@ -538,6 +542,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 clock.mark("forward")
                 engine.backward(loss)
                 clock.mark("backward")
+                sync()
                 engine.step()
                 losses.append(float(loss.detach()))
                 clock.stepped(len(idx))
@@ -615,10 +620,11 @@ def adapt_loop_per_worker(config: dict) -> dict:
     groups = param_groups(module, a.lr, cfg.train.weight_decay, disc_lr=a.disc_lr)
     steps = max(1, int(config.get("steps_per_epoch") or 1) * a.epochs // cfg.train.grad_accum)
     engine = build_engine(module, groups, cfg, w, a.lr_schedule, steps)
+    sync = GradSync(engine, w.world, w.shm)
     client, _ = restore(engine, config.get("resume_from"))
     start_epoch, start_step = int(client.get("epoch", 0)), int(engine.global_steps)
     source, target = load_cache("source", config), load_cache("target", config)
-    _start(w, cfg, "adapt", {"source": source, "target": target})
+    _start(w, cfg, "adapt", {"source": source, "target": target}, sync)
     val = _optional_shard("val")
     selection = Selection.from_state(client, cfg.train.patience)
     export = lambda: export_model(engine, model, scalars, config["model_path"], w)  # noqa: E731
@@ -647,6 +653,7 @@ def adapt_loop_per_worker(config: dict) -> dict:
                 clock.mark("forward")
                 engine.backward(loss)
                 clock.mark("backward")
+                sync()
                 engine.step()
                 for k, v in {"loss": loss.detach(), "adv_weight": weight, **logs}.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
