@@ -33,10 +33,15 @@ def ray_session():
 
 
 @pytest.fixture
+def placement_groups(ray_session):
+    """() -> ids of the placement groups alive now (state != REMOVED), whoever created them."""
+    return lambda: {i for i, g in ray_session.util.placement_group_table().items() if g["state"] != "REMOVED"}
+
+
+@pytest.fixture
 def fresh_ray(ray_session):
-    """A Ray runtime of the test's own, for tests that kill workers or stop trials: what they can
-    leave behind (a Train controller still holding its workers' placement group, seen once after
-    the killed-worker test) ends with it instead of starving the next test's tasks of CPUs."""
+    """A Ray runtime of the test's own, started inside the environment the test's earlier fixtures
+    set (Ray's workers read e.g. an S3 endpoint from it when they start: test_s3)."""
     ray_session.shutdown()
     ray_session.init(**RAY_INIT)
     yield ray_session

@@ -296,11 +296,13 @@ def test_latest_local_checkpoint_skips_unfinished_saves(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_workers_zero2_survive_a_killed_worker_then_resume(fresh_ray, manifest, tmp_path):
+def test_two_workers_zero2_survive_a_killed_worker_then_resume(ray_session, placement_groups, manifest, tmp_path):
     """Rank 1 dies mid-epoch 2 (first attempt only): FailureConfig restarts the group from the
-    epoch-1 checkpoint and the run completes; `--resume` with one more epoch continues at its step."""
+    epoch-1 checkpoint and the run completes, leaving no placement group behind; `--resume` with
+    one more epoch, in the same Ray runtime, continues at its step."""
     from urbancross.train import run_train
 
+    before = placement_groups()
     marker = str(tmp_path / "killed")
 
     def kill_rank1_in_epoch2(rank, epoch, step):
@@ -324,11 +326,43 @@ def test_two_workers_zero2_survive_a_killed_worker_then_resume(fresh_ray, manife
     assert os.path.exists(marker)
     m = first["metrics"]
     assert m["epoch"] == 2 and m["start_epoch"] == 1 and m["start_step"] >= 1  # restarted from the checkpoint
+    assert placement_groups() - before == set()
     cfg = cfg.override({"train.epochs": 3})
     second = run_train(cfg, resume=True)
     assert second["run_name"] == first["run_name"]
     assert second["metrics"]["start_step"] == m["step"] and second["metrics"]["start_epoch"] == 2
     assert second["metrics"]["epoch"] == 3 and second["metrics"]["step"] > m["step"]
+    assert placement_groups() - before == set()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_worker_group_that_failed_to_start_leaves_no_placement_group(ray_session, placement_groups, manifest, tmp_path):
+    """A worker group whose start fails after it was built (as when a worker dies during the
+    backend setup): Ray Train 2.60 retries with a new group and leaves the failed one's placement
+    group reserved (`WorkerGroup._start` cleans up only a group not yet built). The fit completes,
+    that group is gone afterwards, and a following fit gets its CPUs."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    from urbancross.train import run_train
+
+    class FailFirstStart(WorkerGroupCallback):
+        failed = False
+
+        def after_worker_group_start(self, worker_group):
+            if not self.failed:
+                self.failed = True
+                raise WorkerGroupStartupFailedError("simulated: a worker died while the group started")
+
+    before = placement_groups()
+    cfg = tiny_cfg(manifest, tmp_path, "train.num_workers=1", "train.cpus_per_worker=0.75", "train.epochs=1")
+    first = run_train(cfg, callbacks=[FailFirstStart()])
+    assert first["metrics"]["epoch"] == 1
+    assert placement_groups() - before == set()  # left alone, the failed group keeps 0.75 CPUs reserved
+    # 1.5 of the 2 CPUs: what a group left over from the first fit would have starved
+    second = run_train(cfg.override({"out_dir": str(tmp_path / "next"), "train.cpus_per_worker": 1.5}))
+    assert second["metrics"]["epoch"] == 1
 
 
 @pytest.mark.ray

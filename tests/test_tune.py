@@ -317,10 +317,15 @@ def tiny_config(tmp_path: Path) -> Config:
 
 
 @pytest.mark.ray
-def test_asha_sweep_logs_child_runs_and_writes_a_best_config_that_trains(fresh_ray, tmp_path):
+def test_asha_sweep_logs_child_runs_and_writes_a_best_config_that_trains(ray_session, placement_groups, tmp_path):
+    """ASHA stops each trial: at max_t on its last report, or mid-fit at a rung. Either is normal
+    operation: no trial errs, one that reached max_t finished its Train run (result.json), and no
+    placement group is left holding CPUs for the retrain in the same Ray runtime."""
     import mlflow
 
     from urbancross.train import run_train
+
+    before = placement_groups()
 
     space = write_space(
         tmp_path,
@@ -340,6 +345,12 @@ def test_asha_sweep_logs_child_runs_and_writes_a_best_config_that_trains(fresh_r
     scores = [t["metric"] for t in summary["trials"]]
     assert all(s is not None and 0.0 <= s <= 100.0 for s in scores)
     assert summary["best_metric"] == max(scores)
+    assert [t["error"] for t in summary["trials"]] == [None, None]
+    for t in summary["trials"]:
+        if t["iterations"] == 2:  # stopped by ASHA at max_t, on its last report
+            (trial_dir,) = Path(summary["experiment"]).glob(f"*{t['trial_id']}*")
+            assert (trial_dir / "train" / "result.json").is_file(), t
+    assert placement_groups() - before == set()
 
     mlflow.set_tracking_uri(cfg.tracking_uri())
     runs = mlflow.search_runs(experiment_names=[cfg.mlflow.experiment], output_format="list")

@@ -39,6 +39,7 @@ from urbancross.tracking import log_json_artifact, mlflow_run, retry
 from urbancross.train.cache import fingerprint, use_disk, write_folder
 from urbancross.train.curriculum import caption_complexity
 from urbancross.train.loop import adapt_loop_per_worker, train_loop_per_worker
+from urbancross.train.placement import releasing
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +287,8 @@ def _fit(
         "resume_from": resume_from,
         "stop_epoch": options.get("stop_epoch"),
     }
-    result = _trainer(cfg, loop, loop_config, state["name"], datasets, split, options.get("callbacks") or ()).fit()
+    with releasing(f"{stage} {state['name']}"):  # returned or raised: no placement group of this run left holding CPUs
+        result = _trainer(cfg, loop, loop_config, state["name"], datasets, split, options.get("callbacks") or ()).fit()
     out = {
         "stage": stage,
         "run_name": state["name"],

@@ -4,7 +4,8 @@ The trial function is a Train *driver* (Ray's Tune-with-Train V2 pattern): it bu
 stage's `TorchTrainer` and fits it. Two ways to feed Tune, chosen per sweep:
 
 - callback: one fit whose per-epoch reports reach Tune through `TuneReportCallback`
-  (ASHA with real Train workers). Resume = Train's own resume of the same run name.
+  (ASHA with real Train workers), all but the last: the trial reports that one itself once the
+  fit has returned (`report_callback`). Resume = Train's own resume of the same run name.
 - segments (PBT): the driver fits `perturbation_interval` epochs at a time, resuming from
   the previous segment's checkpoint, and reports each segment's checkpoint with
   `tune.report`; PBT exploits checkpoints, and the callback forwards metrics only.
@@ -15,6 +16,12 @@ Train's `ray.train.report`/`get_checkpoint` raise (Ray 2.60).
 MLflow: the driver opens a parent run for the sweep; each trial finds or creates its child
 run (tag `mlflow.parentRunId`) and hands its id to the Train loop, so a trial restarted by
 PBT or `Tuner.restore` keeps logging to the same run.
+
+A scheduler stopping a trial is normal operation. Tune tears the trial actor down as soon as its
+`stop()` returns, and with it the Train controller the trial started (not the controller's
+placement group: the sweep removes the groups of dead controllers, `release_dead`). Hence the
+last report waits for the fit (ASHA stops every trial at `max_t`, on that report), and a Train
+error that follows a stop request ends the trial quietly (`_stop_requested`).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from typing import Any, Callable, Mapping
 from urbancross.atomic import write_json
 from urbancross.config import Config, ConfigError, config_from_dict, save_config
 from urbancross.tracking import check_tracking_server, configure, log_json_artifact, mlflow_run, retry
+from urbancross.train.placement import release, releasing
 from urbancross.train.trainer import RUN_FILE, absolute_paths, run_adapt, run_train, stage1_model
 from urbancross.tune.space import Space, load_space
 
@@ -135,6 +143,30 @@ def _pin_run(cfg: Config, stage: str, name: str, mlflow_run_id: str) -> None:
     write_json(Path(cfg.out_dir) / stage / RUN_FILE, {"name": name, "mlflow_run_id": mlflow_run_id})
 
 
+def report_callback(last_epoch: int):
+    """A `TuneReportCallback` that forwards every epoch's report except the fit's last
+    (`epoch` >= `last_epoch`).
+
+    ASHA stops a trial on the report that reaches `max_t`, and Tune then ends the trial actor while
+    Train is still finishing (validation log, model export, result.json): the trial reports
+    that epoch itself after `fit()` returned, so such a stop finds nothing left to cut short.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class AllButLast(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if not metrics or metrics[0].get("epoch", 0) < last_epoch:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return AllButLast()
+
+
+def _stop_requested(session) -> bool:
+    """Whether Tune asked this trial to stop (`FunctionTrainable.cleanup` sets the trial session's
+    `stop_event`; the session is Ray's internal one, the object `TuneReportCallback` uses too)."""
+    return session is not None and session.stop_event.is_set()
+
+
 def run_trial(params: dict, *, base: dict, stage: str, parent_run_id: str, runner: Runner | None) -> None:
     """Tune function trainable: one Train run of `stage` with the sampled `params`.
 
@@ -143,17 +175,27 @@ def run_trial(params: dict, *, base: dict, stage: str, parent_run_id: str, runne
     same Train run and MLflow run.
     """
     from ray import tune
+    from ray.train._internal.session import get_session
 
     run = runner or default_runner(stage)
     ctx = tune.get_context()
+    session = get_session()  # kept: Tune's cleanup drops it when it stops the trial
     where = f"trial {ctx.get_trial_name()}"
     cfg = trial_config(base, params, where).override({"out_dir": str(Path(ctx.get_trial_dir()).resolve())}, where)
     run_id = retry(lambda: child_run_id(cfg, parent_run_id, ctx.get_trial_id(), ctx.get_trial_name()), f"{where}: its MLflow run")
     if not uses_segments(cfg):
-        from ray.tune.integration.ray_train import TuneReportCallback
-
         _pin_run(cfg, stage, stage, run_id)
-        run(cfg, resume=True, callbacks=[TuneReportCallback()])
+        last = stage_epochs(cfg, stage)
+        try:
+            result = run(cfg, resume=True, callbacks=[report_callback(last)])
+        except Exception as e:
+            if not _stop_requested(session):
+                raise
+            log.info("%s: stopped by the scheduler; its Train run ended with %s", where, type(e).__name__)
+            return
+        if result["metrics"].get("epoch", 0) >= last:  # the report the callback kept back
+            path = result["checkpoint_path"]
+            tune.report({**result["metrics"], **({"checkpoint_path": path} if path else {})})
         return
     checkpoint = tune.get_checkpoint()  # PBT cloned a better trial, or the sweep resumed
     resume_from = checkpoint.path if checkpoint else None
@@ -193,7 +235,29 @@ def _scheduler(cfg: Config, space: Space):
     )
 
 
-def _tuner(cfg: Config, space: Space, exp_dir: Path, parent_run_id: str, runner: Runner | None):
+def release_dead(known: set[str], where: str, every_s: float = 5.0):
+    """A Tune callback that, every `every_s` during the sweep, removes the placement groups of
+    Train controllers that died with their stopped trial (`placement.release`), so that later
+    trials get their CPUs; `known`: controllers that existed before the sweep."""
+    import time
+
+    from ray.tune import Callback
+
+    class ReleaseDead(Callback):
+        checked = 0.0
+
+        def on_step_begin(self, iteration, trials, **info):
+            if time.monotonic() - self.checked >= every_s:
+                self.checked = time.monotonic()
+                try:
+                    release(known, where, wait_s=None)
+                except Exception as e:  # a missed check is retried at the next one, never the sweep's end
+                    log.warning("%s: could not check for placement groups left behind: %s", where, e)
+
+    return ReleaseDead()
+
+
+def _tuner(cfg: Config, space: Space, exp_dir: Path, parent_run_id: str, runner: Runner | None, known: set[str] | None):
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -219,6 +283,7 @@ def _tuner(cfg: Config, space: Space, exp_dir: Path, parent_run_id: str, runner:
         failure_config=tune.FailureConfig(max_failures=t.max_failures),
         # PBT may clone a checkpoint several reports old: keep them all (ASHA reports none)
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+        callbacks=[] if known is None else [release_dead(known, f"tune {cfg.tune.name}")],
     )
     return tune.Tuner(trainable, param_space=space.param_space(), tune_config=tune_config, run_config=run_config), False
 
@@ -238,13 +303,18 @@ def run_tune(cfg: Config, space_path: str | os.PathLike, *, runner: Runner | Non
     trial, the MLflow parent run id and the experiment folder. `runner` replaces the
     stage's `run_train`/`run_adapt` (tests); Ray must be able to pickle it.
     """
+    import ray
+
     space = load_space(space_path, cfg)
     cfg = sweep_base(cfg, space)
     exp_dir = experiment_dir(cfg)
     parent_run_id = _parent_run_id(cfg, exp_dir, space)
-    tuner, restored = _tuner(cfg, space, exp_dir, parent_run_id, runner)
-    log.info("tune: %s sweep of %s (stage %s) in %s", cfg.tune.scheduler, space.path, space.stage, exp_dir)
-    grid = tuner.fit()
+    if not ray.is_initialized():
+        ray.init()  # what Tuner.fit would do; `releasing` reads the cluster's tables first
+    with releasing(f"tune {cfg.tune.name}") as known:  # trials a scheduler stopped leave their Train groups
+        tuner, restored = _tuner(cfg, space, exp_dir, parent_run_id, runner, known)
+        log.info("tune: %s sweep of %s (stage %s) in %s", cfg.tune.scheduler, space.path, space.stage, exp_dir)
+        grid = tuner.fit()
     trials = [_trial_row(r, cfg.tune.metric, space) for r in grid]
     best = pick_best(trials, cfg.tune.mode)
     if best is None:
