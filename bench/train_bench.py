@@ -5,6 +5,9 @@ training cache), batch per worker, precision (fp32 on CPU), ZeRO stage, augmenta
 on the cached arrays) and torch threads per worker (`--threads`). Reported, in one run:
 - steady-state samples/s: the steps after the first (warm-up) epoch, >= `--min-steps` timed
   steps per worker, median of `--repeats` interleaved repeats (plain, 1 worker, 2 workers, ...);
+- on CPU, what two workers get without Ray: two plain loops at once in processes that never
+  talk (the machine's ceiling, `ceiling_2_vs_1`), and the loop's DeepSpeed engine and gradient
+  averaging in two processes started by hand (`no_ray_2_vs_1`), beside `scaling_2_vs_1`;
 - ms per step by phase: data (cache -> batch, augmentation), forward, backward, optimizer step
   (+ gradient all-reduce under DeepSpeed);
 - epoch-boundary costs (validation, checkpoint + report) and start-up (engine build, cache load
@@ -13,7 +16,8 @@ on the cached arrays) and torch threads per worker (`--threads`). Reported, in o
 - with `--demo`, the demo's wall time per stage and its cross-domain mR.
 Figures are comparable only on an otherwise idle machine; the load average is printed.
 The last line is one JSON object: per_worker_ratio (Ray 1 worker / plain, steady state),
-scaling_2_vs_1 (2-worker / 1-worker samples/s), threads_per_worker, step_ms (per loop and phase).
+scaling_2_vs_1 (2-worker / 1-worker samples/s, and per repeat), ceiling_2_vs_1, no_ray_2_vs_1,
+threads_per_worker, step_ms (per loop and phase).
 
 `--gpu`: everything on CUDA (bf16 autocast in the plain loop, `train.use_gpu` + bf16 in Ray Train),
 one worker per GPU (up to 2; `scaling_2_vs_1` is null with one GPU).
@@ -42,34 +46,54 @@ PHASES = ("data", "forward", "backward", "step")
 
 def plain_loop(cfg, table, epochs: int, device: str = "cpu") -> dict:
     """A single-process torch loop over the same cache, augmentation, objective and optimizer."""
-    from urbancross.data.ingest import pick_caption
     from urbancross.model.factory import create_model
-    from urbancross.model.inputs import ModelInputs
-    from urbancross.train.cache import Cache, epoch_batches
     from urbancross.train.objective import RetrievalObjective
 
     torch.set_num_threads(cfg.train.threads_per_worker)
-    rows = {k: _column(v) for k, v in table.to_pydict().items()}
-    cache = Cache(ModelInputs(cfg, train=False, cache=True)(rows))
+    cache = _cache(cfg, table)
     torch.manual_seed(cfg.seed)
     module = RetrievalObjective(create_model(cfg.model), cfg.loss).to(device)
     opt = torch.optim.AdamW(module.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+    def forward(b):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            return module(b)[0]
+
+    def backward(loss):
+        opt.zero_grad()
+        loss.backward()
+
+    def step():
+        torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
+        opt.step()
+
+    return _timed_steps(cfg, cache, epochs, torch.device(device), 1, 0, forward, backward, step)
+
+
+def _cache(cfg, table):
+    from urbancross.model.inputs import ModelInputs
+    from urbancross.train.cache import Cache
+
+    return Cache(ModelInputs(cfg, train=False, cache=True)({k: _column(v) for k, v in table.to_pydict().items()}))
+
+
+def _timed_steps(cfg, cache, epochs: int, device, world: int, rank: int, forward, backward, step) -> dict:
+    """Run `epochs` of this rank's seeded batches; ms per phase over the steps after the first epoch."""
+    from urbancross.data.ingest import pick_caption
+    from urbancross.train.cache import epoch_batches
+
     sums, steps = dict.fromkeys(PHASES, 0.0), 0
-    dev = torch.device(device)
     for epoch in range(epochs):
-        for idx in epoch_batches(np.arange(len(cache)), cfg.train.batch_size, 1, 0, cfg.seed, epoch):
+        for idx in epoch_batches(np.arange(len(cache)), cfg.train.batch_size, world, rank, cfg.seed, epoch):
             t = [time.perf_counter()]
-            b = cache.batch(idx, epoch, cfg.seed, cfg, dev, train=True)
-            b["tokens"] = pick_caption(b["tokens"], b["key"], epoch, cfg.seed).to(dev)
+            b = cache.batch(idx, epoch, cfg.seed, cfg, device, train=True)
+            b["tokens"] = pick_caption(b["tokens"], b["key"], epoch, cfg.seed).to(device)
             t.append(time.perf_counter())
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-                loss, _ = module(b)
+            loss = forward(b)
             t.append(time.perf_counter())
-            opt.zero_grad()
-            loss.backward()
+            backward(loss)
             t.append(time.perf_counter())
-            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
-            opt.step()
+            step()
             float(loss.detach())  # waits for the device
             t.append(time.perf_counter())
             if epoch > 0:  # the first epoch is warm-up
@@ -78,6 +102,74 @@ def plain_loop(cfg, table, epochs: int, device: str = "cpu") -> dict:
                     sums[k] += z - a
     ms = {k: 1000 * v / max(steps, 1) for k, v in sums.items()}
     return {"steps": steps, "ms": ms, "samples_per_s": cfg.train.batch_size * 1000 / sum(ms.values())}
+
+
+def synced_loop(cfg, table, epochs: int, rank: int, world: int, port: int) -> dict:
+    """The training loop's engine and gradient averaging (DeepSpeed, `GradSync`) in `world`
+    processes started by hand: Ray Train's loop without Ray."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from urbancross.model.factory import create_model
+    from urbancross.train.deepspeed_config import deepspeed_config
+    from urbancross.train.grad_sync import GradSync, shm_allreduce_env
+    from urbancross.train.loop import param_groups
+    from urbancross.train.objective import RetrievalObjective, vectorize_scalars
+
+    torch.set_num_threads(cfg.train.threads_per_worker)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    shm = shm_allreduce_env(world, world)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    cache = _cache(cfg, table)
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model)
+    vectorize_scalars(model)  # as the loop does: DeepSpeed's broadcast cannot take 0-d parameters
+    module = RetrievalObjective(model, cfg.loss)
+    optimizer = torch.optim.AdamW(param_groups(module, cfg.train.lr, cfg.train.weight_decay))
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg.train, world))
+    sync = GradSync(engine, world, shm)
+
+    def step():
+        sync()
+        engine.step()
+
+    out = _timed_steps(cfg, cache, epochs, torch.device("cpu"), world, rank, lambda b: engine(b)[0], engine.backward, step)
+    dist.destroy_process_group()
+    return {**out, "sync": sync.describe()}
+
+
+def _pair_worker(cfg, table, epochs: int, rank: int, port: int | None, queue) -> None:
+    queue.put(plain_loop(cfg, table, epochs) if port is None else synced_loop(cfg, table, epochs, rank, 2, port))
+
+
+def plain_pair(cfg, table, epochs: int, synced: bool = False) -> dict:
+    """Two loops at once in two processes, without Ray. Apart (`synced=False`), they never talk:
+    what this machine gives two workers with no communication (the ceiling for `scaling_2_vs_1`).
+    Synced, they are the training loop's engine and gradient averaging: Ray Train without Ray."""
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1] if synced else None
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_pair_worker, args=(cfg, table, epochs, rank, port, queue)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    runs = []
+    while len(runs) < len(procs):
+        try:
+            runs.append(queue.get(timeout=5))
+        except Exception:  # queue.Empty: a process that died never answers
+            if any(p.exitcode not in (None, 0) for p in procs):
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"a {'synced' if synced else 'plain'} loop process failed (exit codes {[p.exitcode for p in procs]})") from None
+    for p in procs:
+        p.join()
+    ms = {k: statistics.mean(r["ms"][k] for r in runs) for k in PHASES}
+    return {"steps": min(r["steps"] for r in runs), "ms": ms, "samples_per_s": sum(r["samples_per_s"] for r in runs)}
 
 
 def _column(values: list):
@@ -184,9 +276,12 @@ def main() -> None:
               f"{args.threads} thread(s)/worker, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
               f"DeepSpeed op cache {'cold' if cold else 'warm'}", flush=True)
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        runs: dict[str, list[dict]] = {"plain": [], **{f"ray{w}": [] for w in worker_counts}}
+        runs: dict[str, list[dict]] = {"plain": [], **({} if args.gpu else {"plain2": [], "sync2": []}), **{f"ray{w}": [] for w in worker_counts}}
         for r in range(args.repeats):  # interleaved: load drifts hit every loop alike
             runs["plain"].append(plain_loop(cfg, table, epochs, device))
+            if not args.gpu:
+                runs["plain2"].append(plain_pair(cfg, table, epochs))
+                runs["sync2"].append(plain_pair(cfg, table, epochs, synced=True))
             for w in worker_counts:
                 runs[f"ray{w}"].append(ray_train(cfg, w, os.path.join(tmp, f"r{r}w{w}")))
             print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]['samples_per_s']:.1f} samples/s" for k, v in runs.items()), flush=True)
@@ -196,7 +291,9 @@ def main() -> None:
     med = {k: statistics.median(x["samples_per_s"] for x in v) for k, v in runs.items()}
     step_ms = {k: {p: round(statistics.median(x["ms"][p] for x in v), 2) for p in PHASES} for k, v in runs.items()}
     print(f"\n{'loop':28s} {'samples/s':>10s} {'ratio':>6s} {'steps':>6s}  ms/step " + " ".join(f"{p:>8s}" for p in PHASES))
-    for k, name in (("plain", "plain torch, 1 process"), *((f"ray{w}", f"Ray Train+DS, {w} worker(s)") for w in worker_counts)):
+    names = (("plain", "plain torch, 1 process"), ("plain2", "plain torch, 2 apart"), ("sync2", "DS + GradSync, 2, no Ray"),
+             *((f"ray{w}", f"Ray Train+DS, {w} worker(s)") for w in worker_counts))
+    for k, name in ((k, n) for k, n in names if k in runs):
         steps = min(x["steps"] for x in runs[k])
         print(f"{name:28s} {med[k]:10.1f} {med[k] / med['plain']:6.2f} {steps:6d}          " + " ".join(f"{step_ms[k][p]:8.1f}" for p in PHASES))
     boundary = {
@@ -214,6 +311,12 @@ def main() -> None:
     summary = {
         "per_worker_ratio": round(med["ray1"] / med["plain"], 3),
         "scaling_2_vs_1": round(med["ray2"] / med["ray1"], 3) if "ray2" in med else None,
+        # the machine's own ceiling: two plain loops at once (no communication, no Ray) / one
+        "ceiling_2_vs_1": round(med["plain2"] / med["plain"], 3) if "plain2" in med else None,
+        # the same two workers' engine and gradient averaging, in two processes without Ray / plain
+        "no_ray_2_vs_1": round(med["sync2"] / med["plain"], 3) if "sync2" in med else None,
+        "scaling_per_repeat": (
+            [round(b["samples_per_s"] / a["samples_per_s"], 3) for a, b in zip(runs["ray1"], runs["ray2"])] if "ray2" in med else None),
         "device": device,
         "threads_per_worker": args.threads,
         "step_ms": step_ms,
