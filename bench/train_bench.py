@@ -107,13 +107,13 @@ def _timed_steps(cfg, cache, epochs: int, device, world: int, rank: int, forward
 def synced_loop(cfg, table, epochs: int, rank: int, world: int, port: int) -> dict:
     """The training loop's engine and gradient averaging (DeepSpeed, `GradSync`) in `world`
     processes started by hand: Ray Train's loop without Ray."""
-    import deepspeed
+    import types
+
     import torch.distributed as dist
 
     from urbancross.model.factory import create_model
-    from urbancross.train.deepspeed_config import deepspeed_config
     from urbancross.train.grad_sync import GradSync, shm_allreduce_env
-    from urbancross.train.loop import param_groups
+    from urbancross.train.loop import build_engine, param_groups
     from urbancross.train.objective import RetrievalObjective, vectorize_scalars
 
     torch.set_num_threads(cfg.train.threads_per_worker)
@@ -125,8 +125,9 @@ def synced_loop(cfg, table, epochs: int, rank: int, world: int, port: int) -> di
     model = create_model(cfg.model)
     vectorize_scalars(model)  # as the loop does: DeepSpeed's broadcast cannot take 0-d parameters
     module = RetrievalObjective(model, cfg.loss)
-    optimizer = torch.optim.AdamW(param_groups(module, cfg.train.lr, cfg.train.weight_decay))
-    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg.train, world))
+    steps = epochs * math.ceil(len(cache) / (cfg.train.batch_size * world))  # the lr schedule's length
+    groups = param_groups(module, cfg.train.lr, cfg.train.weight_decay)
+    engine = build_engine(module, groups, cfg, types.SimpleNamespace(world=world), cfg.train.lr_schedule, steps)  # the loop's own
     sync = GradSync(engine, world, shm)
 
     def step():
@@ -138,30 +139,31 @@ def synced_loop(cfg, table, epochs: int, rank: int, world: int, port: int) -> di
     return {**out, "sync": sync.describe()}
 
 
-def _pair_worker(cfg, table, epochs: int, rank: int, port: int | None, queue) -> None:
-    queue.put(plain_loop(cfg, table, epochs) if port is None else synced_loop(cfg, table, epochs, rank, 2, port))
+def _pair_worker(cfg, table, epochs: int, rank: int, port: int | None, results) -> None:
+    results.put(plain_loop(cfg, table, epochs) if port is None else synced_loop(cfg, table, epochs, rank, 2, port))
 
 
-def plain_pair(cfg, table, epochs: int, synced: bool = False) -> dict:
+def pair(cfg, table, epochs: int, synced: bool = False) -> dict:
     """Two loops at once in two processes, without Ray. Apart (`synced=False`), they never talk:
     what this machine gives two workers with no communication (the ceiling for `scaling_2_vs_1`).
     Synced, they are the training loop's engine and gradient averaging: Ray Train without Ray."""
     import multiprocessing as mp
+    import queue
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1] if synced else None
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_pair_worker, args=(cfg, table, epochs, rank, port, queue)) for rank in range(2)]
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_pair_worker, args=(cfg, table, epochs, rank, port, results)) for rank in range(2)]
     for p in procs:
         p.start()
     runs = []
     while len(runs) < len(procs):
         try:
-            runs.append(queue.get(timeout=5))
-        except Exception:  # queue.Empty: a process that died never answers
+            runs.append(results.get(timeout=5))
+        except queue.Empty:  # a process that died never answers
             if any(p.exitcode not in (None, 0) for p in procs):
                 for p in procs:
                     p.kill()
@@ -280,8 +282,8 @@ def main() -> None:
         for r in range(args.repeats):  # interleaved: load drifts hit every loop alike
             runs["plain"].append(plain_loop(cfg, table, epochs, device))
             if not args.gpu:
-                runs["plain2"].append(plain_pair(cfg, table, epochs))
-                runs["sync2"].append(plain_pair(cfg, table, epochs, synced=True))
+                runs["plain2"].append(pair(cfg, table, epochs))
+                runs["sync2"].append(pair(cfg, table, epochs, synced=True))
             for w in worker_counts:
                 runs[f"ray{w}"].append(ray_train(cfg, w, os.path.join(tmp, f"r{r}w{w}")))
             print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]['samples_per_s']:.1f} samples/s" for k, v in runs.items()), flush=True)
