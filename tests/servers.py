@@ -35,7 +35,8 @@ def mlflow_server(root: Path, *args: str, port: int | None = None, env: dict[str
     log_path = root / f"server-{port}.log"
     with open(log_path, "a") as log:
         proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **(env or {})})
+                                # no job runner: it is unused here, and its store is a /dev/shm folder nothing removes
+                                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})})
         try:
             deadline = time.monotonic() + 180
             while True:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from urbancross.train.grad_sync import GradSync, shm_allreduce_env
+from urbancross.train.grad_sync import GradSync, shm_allreduce_env, shm_segment
 
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": 4,
@@ -51,12 +52,13 @@ def _rank(rank: int, world: int, port: int, shm: bool, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     m = _model()
     engine, *_ = deepspeed.initialize(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.0), config=DS_CONFIG)
+    mapped = [shm_segment(r).exists() for r in range(world)]  # DeepSpeed's names, before GradSync
     sync = GradSync(engine, world, use_shm)
     x, y = _batch(rank)
     engine.backward(nn.functional.mse_loss(engine(x), y))
     own = [p.grad.clone() for p in m.parameters()]
     sync()
-    torch.save({"use_shm": use_shm, "describe": sync.describe(), "own": own,
+    torch.save({"use_shm": use_shm, "describe": sync.describe(), "own": own, "mapped": mapped,
                 "synced": [p.grad.clone() for p in m.parameters()]}, f"{out}/{rank}.pt")
     dist.destroy_process_group()
 
@@ -69,7 +71,8 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("shm", [True, False], ids=["shared-memory", "torch.distributed"])
 def test_two_ranks_end_with_the_exact_mean(shm, tmp_path):
-    mp.spawn(_rank, args=(2, _free_port(), shm, str(tmp_path)), nprocs=2)
+    port = _free_port()
+    mp.spawn(_rank, args=(2, port, shm, str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
     assert r0["use_shm"] is shm and r0["describe"] == ("shared memory" if shm else "torch.distributed")
     for own, rank in ((r0["own"], 0), (r1["own"], 1)):  # before the sync: each rank's own gradient
@@ -78,6 +81,8 @@ def test_two_ranks_end_with_the_exact_mean(shm, tmp_path):
     for synced in (r0["synced"], r1["synced"]):
         assert all(torch.equal(a, b) for a, b in zip(synced, expected))  # bit-identical on both ranks
     assert not torch.equal(r0["own"][0], r1["own"][0])  # the ranks really had different gradients
+    assert r0["mapped"] == [shm, shm]  # the segments had the names shm_segment gives them ...
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"))  # ... and are gone
 
 
 def test_one_rank_skips_deepspeeds_pass_and_keeps_its_gradients(monkeypatch):

@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -299,10 +300,13 @@ def test_latest_local_checkpoint_skips_unfinished_saves(tmp_path):
 def test_two_workers_zero2_survive_a_killed_worker_then_resume(ray_session, placement_groups, manifest, tmp_path):
     """Rank 1 dies mid-epoch 2 (first attempt only): FailureConfig restarts the group from the
     epoch-1 checkpoint and the run completes, leaving no placement group behind; `--resume` with
-    one more epoch, in the same Ray runtime, continues at its step."""
+    one more epoch, in the same Ray runtime, continues at its step. No run, killed or not, leaves
+    DeepSpeed's shared-memory segments in /dev/shm (they are RAM until reboot)."""
     from urbancross.train import run_train
 
     before = placement_groups()
+    segments = lambda: set(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"))  # noqa: E731
+    segments_before = segments()
     marker = str(tmp_path / "killed")
 
     def kill_rank1_in_epoch2(rank, epoch, step):
@@ -333,6 +337,7 @@ def test_two_workers_zero2_survive_a_killed_worker_then_resume(ray_session, plac
     assert second["metrics"]["start_step"] == m["step"] and second["metrics"]["start_epoch"] == 2
     assert second["metrics"]["epoch"] == 3 and second["metrics"]["step"] > m["step"]
     assert placement_groups() - before == set()
+    assert segments() - segments_before == set()
 
 
 @pytest.mark.ray

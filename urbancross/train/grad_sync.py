@@ -10,11 +10,18 @@ from Ray Train's local world size, and `GradSync` uses the same decision. Its su
 order on every rank, so the ranks' gradients stay bit-identical and runs repeat exactly.
 ZeRO 1-3 partition gradients themselves, and bf16/fp16 keep theirs in the optimizer's own
 buffers: `GradSync` leaves those to DeepSpeed (as it does GPU tensors).
+
+DeepSpeed names each rank's shared segment in /dev/shm (`shm_segment`) and never unlinks it:
+every run left a 66 MB file per rank in memory until reboot, until Ray's memory monitor killed
+workers. Once every rank has mapped every segment (a barrier after the engine is built),
+`GradSync` unlinks its own; the mappings stay, and the kernel frees the memory when the last
+rank exits, however it exits.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,6 +35,13 @@ def shm_allreduce_env(world: int, local_world: int) -> bool:
     if ok:
         os.environ["LOCAL_SIZE"] = str(world)
     return ok
+
+
+def shm_segment(rank: int) -> Path:
+    """The file DeepSpeed's shm op (csrc/cpu/comm/shm.cpp) maps for `rank`; glibc puts POSIX
+    shared memory in /dev/shm."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
 
 
 class GradSync:
@@ -44,6 +58,9 @@ class GradSync:
         self.flat: torch.Tensor | None = None
         if self.active:
             engine.enable_backward_allreduce = False  # its flatten + gloo pass, even at world 1
+        if shm:  # every rank, collectively: a peer may still be opening this rank's segment by name
+            dist.barrier()
+            shm_segment(dist.get_rank()).unlink(missing_ok=True)
 
     def describe(self) -> str:
         if not self.active:
