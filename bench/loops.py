@@ -45,7 +45,7 @@ from urbancross.model.inputs import ModelInputs
 from urbancross.train.adversarial import AdaptObjective, AdaptSchedule
 from urbancross.train.cache import Cache, epoch_batches
 from urbancross.train.curriculum import Curriculum, keep_mask
-from urbancross.train.loop import _prepare, _seed_torch, _target_batches, param_groups, rescore, train_steps
+from urbancross.train.loop import _prepare, _seed_torch, _target_batches, adamw, param_groups, rescore, train_steps
 from urbancross.train.lr_schedule import lr_factor
 from urbancross.train.objective import RetrievalObjective
 from urbancross.train.selection import Selection
@@ -118,7 +118,7 @@ class _Chooser:
 
 
 def _optimizer(groups: list[dict], total: int, schedule) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    opt = torch.optim.AdamW(groups)
+    opt = adamw(groups)
     curve = lambda step: lr_factor(step, total, schedule)  # noqa: E731
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, [(lambda step: 1.0) if g.get("disc") else curve for g in groups])
 

@@ -47,13 +47,14 @@ PHASES = ("data", "forward", "backward", "step")
 def plain_loop(cfg, table, epochs: int, device: str = "cpu") -> dict:
     """A single-process torch loop over the same cache, augmentation, objective and optimizer."""
     from urbancross.model.factory import create_model
+    from urbancross.train.loop import adamw, param_groups
     from urbancross.train.objective import RetrievalObjective
 
     torch.set_num_threads(cfg.train.threads_per_worker)
     cache = _cache(cfg, table)
     torch.manual_seed(cfg.seed)
     module = RetrievalObjective(create_model(cfg.model), cfg.loss).to(device)
-    opt = torch.optim.AdamW(module.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    opt = adamw(param_groups(module, cfg.train.lr, cfg.train.weight_decay))  # the loop's own optimizer
 
     def forward(b):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):

@@ -60,6 +60,26 @@ def test_deepspeed_config_from_ours():
     assert deepspeed_config(TrainConfig(use_gpu=True, precision="fp32"), 1)["bf16"]["enabled"] is False
 
 
+def test_the_stages_adamw_is_torchs_per_tensor_adamw_to_the_bit(tiny_model):
+    """`adamw` (foreach) only changes the speed: five steps of the tiny model's param groups
+    end at the same weights as torch's default CPU path (a loop over the tensors)."""
+    from urbancross.train.loop import adamw, param_groups
+
+    ends = []
+    for make in (adamw, lambda groups: torch.optim.AdamW(groups, foreach=False)):
+        model = copy.deepcopy(tiny_model)
+        opt = make(param_groups(model, lr=1e-3, weight_decay=0.1))
+        g = torch.Generator().manual_seed(0)
+        for _ in range(5):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        ends.append([p.detach().clone() for p in model.parameters()])
+    assert opt.defaults["foreach"] is False and adamw([torch.zeros(1, requires_grad=True)]).defaults["foreach"] is True
+    assert all(torch.equal(a, b) for a, b in zip(*ends))
+    assert not torch.equal(ends[0][0], next(tiny_model.parameters()))  # the steps moved the weights
+
+
 @pytest.fixture(scope="module")
 def tiny_model():
     from urbancross.model.factory import create_model

@@ -198,12 +198,18 @@ def param_groups(module: nn.Module, lr: float, weight_decay: float, disc_lr: flo
     return out
 
 
+def adamw(groups: list[dict]) -> torch.optim.AdamW:
+    """The stages' optimizer. `foreach` on every device: torch's default for CPU tensors is a
+    Python loop over the tensors, bit-identical and about twice as slow at the optimizer step."""
+    return torch.optim.AdamW(groups, foreach=True)
+
+
 def build_engine(module: nn.Module, groups: list[dict], cfg: Config, w: Worker, schedule: LRScheduleConfig, total_steps: int):
     """One DeepSpeed engine; its lr scheduler (stepped by DeepSpeed at each optimizer step, saved
     in its checkpoints) applies `lr_factor` to the model's groups over `total_steps`."""
     import deepspeed
 
-    optimizer = torch.optim.AdamW(groups)
+    optimizer = adamw(groups)
     curve = functools.partial(_lr_curve, total=total_steps, cfg=schedule)
     lambdas = [_constant if g.get("disc") else curve for g in groups]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
