@@ -18,6 +18,33 @@ def pytest_addoption(parser):
                      help="where the `realsize` tests run their models (bench/gpu_check.sh passes cuda)")
 
 
+def _shm() -> dict[str, int]:
+    """/dev/shm's entries and their sizes: it is RAM, and Ray's memory monitor counts it."""
+    root = "/dev/shm"
+    out = {}
+    for name in os.listdir(root) if os.path.isdir(root) else ():
+        try:
+            out[name] = os.stat(os.path.join(root, name)).st_size
+        except OSError:
+            pass
+    return out
+
+
+def pytest_sessionstart(session):
+    session.config.shm_before = _shm()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Say what the suite left in /dev/shm, and what was there before it: files nothing removes
+    there once filled this machine's memory and Ray killed the workers of later tests."""
+    before, after = getattr(config, "shm_before", {}), _shm()
+    left = {k: v for k, v in after.items() if k not in before}
+    mib = lambda d: sum(d.values()) / 2**20  # noqa: E731
+    if left or mib(before) > 512:
+        terminalreporter.write_line(f"/dev/shm: {mib(before):.0f} MiB before the tests; they left {len(left)} entries, "
+                                    f"{mib(left):.0f} MiB: {sorted(left)[:5]}")
+
+
 RAY_INIT = {"num_cpus": 2, "include_dashboard": False, "log_to_driver": False, "configure_logging": False}
 
 
