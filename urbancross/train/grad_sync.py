@@ -11,11 +11,11 @@ order on every rank, so the ranks' gradients stay bit-identical and runs repeat 
 ZeRO 1-3 partition gradients themselves, and bf16/fp16 keep theirs in the optimizer's own
 buffers: `GradSync` leaves those to DeepSpeed (as it does GPU tensors).
 
-DeepSpeed names each rank's shared segment in /dev/shm (`shm_segment`) and never unlinks it:
-every run left a 66 MB file per rank in memory until reboot, until Ray's memory monitor killed
-workers. Once every rank has mapped every segment (a barrier after the engine is built),
-`GradSync` unlinks its own; the mappings stay, and the kernel frees the memory when the last
-rank exits, however it exits.
+DeepSpeed names each rank's shared segment in /dev/shm (`shm_segment`) and never unlinks it,
+so every run left a 66 MB file per rank in memory until reboot, and enough of them made Ray's
+memory monitor kill workers. Once every rank has mapped every segment (a barrier after the
+engine is built), `GradSync` unlinks its own: the mappings stay, and the kernel frees the
+memory when the last rank exits, however it exits.
 """
 
 from __future__ import annotations
